@@ -1,0 +1,923 @@
+//! The server side of a federation, as a sans-IO state machine.
+//!
+//! The [`Coordinator`] owns the round logic and nothing else: no sockets, no tasks, no clock.
+//! A driver feeds it what happened (`handle_*`) with the current time, and asks it what to do
+//! (`poll_*`): messages to send, the next time it wants a [`Coordinator::handle_timeout`] call,
+//! and events (a client to drop, a round completed). quinn-proto's `Connection` is the model.
+//!
+//! A round goes `Waiting → [InitParams] → Train → [Evaluate] → Waiting | Finished`:
+//!
+//! * **Waiting**: until `min_available_clients` are enrolled.
+//! * **InitParams**: if no initial model was configured, one enrolled client is asked for its
+//!   initial parameters (the next is asked if it fails).
+//! * **Train**: the strategy samples clients; each gets the global model and a deadline.
+//!   Updates are checked (round, sender, manifest, finiteness, weight); a client that sends
+//!   anything invalid is dropped and recorded as a failure. The phase ends when every sampled
+//!   client answered or failed, or at the deadline (stragglers are cut and recorded). With
+//!   fewer than `min_train_results` results the round is aborted with a reason; otherwise the
+//!   strategy aggregates.
+//! * **Evaluate** (every `evaluate_every` rounds): the new model is evaluated by the clients
+//!   the strategy picks, with the same deadline rule.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::Error;
+use crate::messages::{
+    AbortReason, Capabilities, ClientId, EvaluateIns, EvaluateRes, Message, Metrics,
+    PROTOCOL_VERSION, TrainIns, TrainRes, Welcome,
+};
+use crate::params::Params;
+use crate::strategy::{
+    ClientInfo, ClientUpdate, EvalSummary, Failure, FailureReason, Strategy, TrainResults,
+    weighted_train_metrics,
+};
+
+/// Configuration of the round machine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoordinatorConfig {
+    /// Rounds to run.
+    pub num_rounds: u64,
+    /// Enrolled clients needed before a round starts.
+    pub min_available_clients: usize,
+    /// Results needed for a round to count; fewer aborts it.
+    pub min_train_results: usize,
+    /// How long clients have to train (and, separately, to evaluate).
+    pub round_timeout: Duration,
+    /// How long a client has to send its initial parameters.
+    pub init_timeout: Duration,
+    /// Heartbeat interval announced to clients.
+    pub heartbeat_interval: Duration,
+    /// A client not heard from for this long is dropped. `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Evaluate after every this many rounds (0 = never).
+    pub evaluate_every: u64,
+    /// Seed of the sampling RNG (mixed with the round number).
+    pub seed: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            num_rounds: 1,
+            min_available_clients: 2,
+            min_train_results: 2,
+            round_timeout: Duration::from_secs(600),
+            init_timeout: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(60)),
+            evaluate_every: 1,
+            seed: 0,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Checks the configuration for contradictions.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.num_rounds == 0 {
+            return Err(Error::Config("num_rounds must be at least 1".into()));
+        }
+        if self.min_train_results == 0 {
+            return Err(Error::Config("min_train_results must be at least 1".into()));
+        }
+        if self.min_available_clients < self.min_train_results {
+            return Err(Error::Config(format!(
+                "min_available_clients ({}) is below min_train_results ({})",
+                self.min_available_clients, self.min_train_results
+            )));
+        }
+        if self.round_timeout.is_zero() {
+            return Err(Error::Config("round_timeout must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What happened in one round, as recorded in the history and checkpoints.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundRecord {
+    /// Round number.
+    pub round: u64,
+    /// Clients sampled for training.
+    pub selected: usize,
+    /// Results aggregated.
+    pub results: usize,
+    /// Sampled clients that did not contribute.
+    pub failures: Vec<Failure>,
+    /// Example-weighted means of the clients' training metrics.
+    pub train_metrics: Metrics,
+    /// Federated evaluation of the new model, if one ran and produced results.
+    pub evaluation: Option<EvalSummary>,
+    /// Why the round was aborted, if it was (the model is then unchanged).
+    pub aborted: Option<AbortReason>,
+}
+
+/// Something the driver should know or act on.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A client completed the hello and is enrolled.
+    ClientEnrolled(ClientId),
+    /// The coordinator dropped a client: the driver must close its connection (after sending
+    /// what is queued for it).
+    ClientDropped {
+        /// Who.
+        client: ClientId,
+        /// Why.
+        reason: String,
+    },
+    /// The coordinator received the initial model.
+    ModelInitialized,
+    /// A round began.
+    RoundStarted {
+        /// Round number.
+        round: u64,
+        /// Clients sampled.
+        selected: usize,
+    },
+    /// A round ended with a new global model (or kept the old one, if the strategy chose to).
+    /// The driver checkpoints here.
+    RoundCompleted(RoundRecord),
+    /// A round was aborted; the model is unchanged.
+    RoundAborted(RoundRecord),
+    /// A message arrived too late for its round and was ignored.
+    LateMessage {
+        /// Sender.
+        client: ClientId,
+        /// Round it was for.
+        round: u64,
+    },
+    /// All rounds are done.
+    Finished,
+}
+
+/// Where an outgoing message goes.
+pub type Transmit = (ClientId, Message);
+
+#[derive(Debug)]
+struct ClientState {
+    capabilities: Capabilities,
+    last_seen: Instant,
+}
+
+#[derive(Debug)]
+struct TrainPhase {
+    round: u64,
+    selected: BTreeSet<ClientId>,
+    pending: BTreeSet<ClientId>,
+    results: Vec<ClientUpdate>,
+    failures: Vec<Failure>,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+struct EvalPhase {
+    record: RoundRecord,
+    pending: BTreeSet<ClientId>,
+    results: Vec<(ClientId, EvaluateRes)>,
+    failures: Vec<Failure>,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Waiting,
+    InitParams {
+        asked: ClientId,
+        tried: BTreeSet<ClientId>,
+        deadline: Instant,
+    },
+    Train(TrainPhase),
+    Evaluate(EvalPhase),
+    Finished,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Waiting => "Waiting",
+            Phase::InitParams { .. } => "InitParams",
+            Phase::Train(_) => "Train",
+            Phase::Evaluate(_) => "Evaluate",
+            Phase::Finished => "Finished",
+        }
+    }
+}
+
+/// A snapshot from which a coordinator can resume (the checkpoint's content).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    /// Last completed (or aborted) round.
+    pub round: u64,
+    /// Global model after that round.
+    pub global: Params,
+    /// What happened in every round so far.
+    pub history: Vec<RoundRecord>,
+    /// The strategy's own state.
+    pub strategy_state: Vec<u8>,
+}
+
+/// The server's round state machine. See the module docs.
+pub struct Coordinator {
+    config: CoordinatorConfig,
+    strategy: Box<dyn Strategy>,
+    clients: BTreeMap<ClientId, ClientState>,
+    global: Option<Params>,
+    /// Last round started (0 before the first).
+    round: u64,
+    phase: Phase,
+    history: Vec<RoundRecord>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("strategy", &self.strategy.name())
+            .field("round", &self.round)
+            .field("phase", &self.phase.name())
+            .field("clients", &self.clients.len())
+            .finish()
+    }
+}
+
+impl Coordinator {
+    /// A coordinator. With `initial` `None`, the first enrolled client is asked for its
+    /// initial parameters.
+    pub fn new(
+        config: CoordinatorConfig,
+        strategy: Box<dyn Strategy>,
+        initial: Option<Params>,
+    ) -> Result<Self, Error> {
+        config.validate()?;
+        if let Some(p) = &initial {
+            p.check_finite()?;
+        }
+        Ok(Self {
+            config,
+            strategy,
+            clients: BTreeMap::new(),
+            global: initial,
+            round: 0,
+            phase: Phase::Waiting,
+            history: Vec::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        })
+    }
+
+    /// A coordinator resuming after the round recorded in `snapshot`.
+    pub fn resume(
+        config: CoordinatorConfig,
+        mut strategy: Box<dyn Strategy>,
+        snapshot: Snapshot,
+    ) -> Result<Self, Error> {
+        strategy.restore_state(&snapshot.strategy_state)?;
+        let mut c = Self::new(config, strategy, Some(snapshot.global))?;
+        c.round = snapshot.round;
+        c.history = snapshot.history;
+        if c.round >= c.config.num_rounds {
+            c.phase = Phase::Finished;
+            c.events.push_back(Event::Finished);
+        }
+        Ok(c)
+    }
+
+    /// The current snapshot (only meaningful between rounds; the driver takes it on
+    /// [`Event::RoundCompleted`] / [`Event::RoundAborted`]).
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        Some(Snapshot {
+            round: self.round,
+            global: self.global.clone()?,
+            history: self.history.clone(),
+            strategy_state: self.strategy.state(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// The current global model.
+    pub fn global(&self) -> Option<&Params> {
+        self.global.as_ref()
+    }
+
+    /// Last round started.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// What happened so far.
+    pub fn history(&self) -> &[RoundRecord] {
+        &self.history
+    }
+
+    /// Name of the current phase.
+    pub fn phase_name(&self) -> &'static str {
+        self.phase.name()
+    }
+
+    /// True once all rounds are done.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// Enrolled clients.
+    pub fn clients(&self) -> impl Iterator<Item = &ClientId> {
+        self.clients.keys()
+    }
+
+    /// Next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When the coordinator next needs [`Coordinator::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let phase = match &self.phase {
+            Phase::InitParams { deadline, .. } => Some(*deadline),
+            Phase::Train(t) => Some(t.deadline),
+            Phase::Evaluate(e) => Some(e.deadline),
+            Phase::Waiting | Phase::Finished => None,
+        };
+        let idle = self
+            .config
+            .idle_timeout
+            .and_then(|d| self.clients.values().map(|c| c.last_seen + d).min());
+        match (phase, idle) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The driver's transport lost the connection to `client`.
+    pub fn handle_disconnect(&mut self, now: Instant, client: &ClientId) {
+        if self.clients.remove(client).is_some() {
+            self.fail(now, client, FailureReason::Disconnected);
+        }
+    }
+
+    /// A message from `client` could not be decoded: the client is dropped.
+    pub fn handle_malformed(&mut self, now: Instant, client: &ClientId, error: &Error) {
+        self.drop_client(now, client, format!("malformed message: {error}"));
+    }
+
+    /// The timer returned by [`Coordinator::poll_timeout`] fired (or any time; early calls
+    /// are harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(idle) = self.config.idle_timeout {
+            let stale: Vec<ClientId> = self
+                .clients
+                .iter()
+                .filter(|(_, c)| now >= c.last_seen + idle)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in stale {
+                self.drop_client(now, &id, format!("no message for {idle:?}"));
+            }
+        }
+        match &mut self.phase {
+            Phase::InitParams {
+                asked, deadline, ..
+            } if now >= *deadline => {
+                let asked = asked.clone();
+                self.drop_client(
+                    now,
+                    &asked,
+                    "did not send initial parameters in time".into(),
+                );
+            }
+            Phase::Train(t) if now >= t.deadline => {
+                for id in std::mem::take(&mut t.pending) {
+                    t.failures.push(Failure {
+                        client: id,
+                        reason: FailureReason::Timeout,
+                    });
+                }
+                self.close_train(now);
+            }
+            Phase::Evaluate(e) if now >= e.deadline => {
+                for id in std::mem::take(&mut e.pending) {
+                    e.failures.push(Failure {
+                        client: id,
+                        reason: FailureReason::Timeout,
+                    });
+                }
+                self.close_eval(now);
+            }
+            _ => {}
+        }
+    }
+
+    /// A message from `from` (whose identity the transport established). An `Err` means the
+    /// client broke the protocol: it has been dropped (an [`Event::ClientDropped`] is queued)
+    /// and the error says why.
+    pub fn handle_message(
+        &mut self,
+        now: Instant,
+        from: &ClientId,
+        msg: Message,
+    ) -> Result<(), Error> {
+        if let Some(c) = self.clients.get_mut(from) {
+            c.last_seen = now;
+        }
+        match self.process(now, from, msg) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.drop_client(now, from, e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn process(&mut self, now: Instant, from: &ClientId, msg: Message) -> Result<(), Error> {
+        let enrolled = self.clients.contains_key(from);
+        match msg {
+            Message::Hello(h) => {
+                if h.protocol_version != PROTOCOL_VERSION {
+                    return Err(Error::ProtocolVersion {
+                        got: h.protocol_version,
+                        supported: PROTOCOL_VERSION,
+                    });
+                }
+                if enrolled {
+                    // A second hello on a live session is a duplicate and changes nothing. (A
+                    // reconnect comes on a new connection: the driver reports the old one
+                    // closed with `handle_disconnect` first, so the client is not enrolled.)
+                    return Ok(());
+                }
+                self.clients.insert(
+                    from.clone(),
+                    ClientState {
+                        capabilities: h.capabilities,
+                        last_seen: now,
+                    },
+                );
+                self.transmits.push_back((
+                    from.clone(),
+                    Message::Welcome(Welcome {
+                        client_id: from.clone(),
+                        heartbeat_ms: self.config.heartbeat_interval.as_millis() as u64,
+                    }),
+                ));
+                self.events.push_back(Event::ClientEnrolled(from.clone()));
+                if self.is_finished() {
+                    self.transmits.push_back((
+                        from.clone(),
+                        Message::Abort {
+                            round: None,
+                            reason: AbortReason::Finished,
+                        },
+                    ));
+                }
+                self.maybe_start(now);
+                Ok(())
+            }
+            _ if !enrolled => Err(Error::UnexpectedMessage {
+                kind: msg.kind(),
+                from: Some(from.clone()),
+                state: "not enrolled (no hello yet)",
+            }),
+            Message::Heartbeat { .. } => Ok(()),
+            Message::InitialParams(p) => self.on_initial_params(now, from, p),
+            Message::TrainResult(r) => self.on_train_result(now, from, r),
+            Message::EvaluateResult(r) => self.on_evaluate_result(now, from, r),
+            Message::Abort { round, reason } => {
+                // The client gives up on a round (or the session): a failure, not a violation.
+                if round.is_none() {
+                    self.clients.remove(from);
+                }
+                self.fail(
+                    now,
+                    from,
+                    FailureReason::Invalid(format!("client aborted: {reason}")),
+                );
+                Ok(())
+            }
+            other => Err(Error::UnexpectedMessage {
+                kind: other.kind(),
+                from: Some(from.clone()),
+                state: "server never receives this kind",
+            }),
+        }
+    }
+
+    fn on_initial_params(&mut self, now: Instant, from: &ClientId, p: Params) -> Result<(), Error> {
+        match &self.phase {
+            Phase::InitParams { asked, .. } if asked == from => {
+                p.check_finite()?;
+                self.global = Some(p);
+                self.phase = Phase::Waiting;
+                self.events.push_back(Event::ModelInitialized);
+                self.maybe_start(now);
+                Ok(())
+            }
+            _ => Err(Error::UnexpectedMessage {
+                kind: "InitialParams",
+                from: Some(from.clone()),
+                state: self.phase.name(),
+            }),
+        }
+    }
+
+    fn on_train_result(&mut self, now: Instant, from: &ClientId, r: TrainRes) -> Result<(), Error> {
+        let (current, global) = match (&mut self.phase, &self.global) {
+            (Phase::Train(t), Some(g)) => (t, g),
+            _ => return self.late_or_invalid(from, r.round, "TrainResult"),
+        };
+        if r.round != current.round {
+            return self.late_or_invalid(from, r.round, "TrainResult");
+        }
+        if !current.selected.contains(from) {
+            return Err(Error::InvalidMessage(format!(
+                "training result for round {} from a client that was not sampled",
+                r.round
+            )));
+        }
+        if !current.pending.contains(from) {
+            // A duplicate (or a result after the client already failed): ignore it.
+            self.events.push_back(Event::LateMessage {
+                client: from.clone(),
+                round: r.round,
+            });
+            return Ok(());
+        }
+        if r.num_examples == 0 {
+            return Err(Error::InvalidMessage(
+                "training result with zero examples".into(),
+            ));
+        }
+        r.params.check_same_manifest(global.manifest())?;
+        r.params.check_finite()?;
+        current.pending.remove(from);
+        current.results.push(ClientUpdate {
+            client: from.clone(),
+            num_examples: r.num_examples,
+            metrics: r.metrics,
+            params: r.params,
+        });
+        if current.pending.is_empty() {
+            self.close_train(now);
+        }
+        Ok(())
+    }
+
+    fn on_evaluate_result(
+        &mut self,
+        now: Instant,
+        from: &ClientId,
+        r: EvaluateRes,
+    ) -> Result<(), Error> {
+        let Phase::Evaluate(e) = &mut self.phase else {
+            return self.late_or_invalid(from, r.round, "EvaluateResult");
+        };
+        if r.round != e.record.round {
+            return self.late_or_invalid(from, r.round, "EvaluateResult");
+        }
+        if !e.pending.remove(from) {
+            self.events.push_back(Event::LateMessage {
+                client: from.clone(),
+                round: r.round,
+            });
+            return Ok(());
+        }
+        if !r.loss.is_finite() || r.metrics.values().any(|v| !v.is_finite()) {
+            return Err(Error::InvalidMessage("non-finite evaluation result".into()));
+        }
+        e.results.push((from.clone(), r));
+        if e.pending.is_empty() {
+            self.close_eval(now);
+        }
+        Ok(())
+    }
+
+    /// A result for a round that is not the open one: ignored if it is for a past round
+    /// (late), a violation if it claims a future one.
+    fn late_or_invalid(
+        &mut self,
+        from: &ClientId,
+        round: u64,
+        kind: &'static str,
+    ) -> Result<(), Error> {
+        if round <= self.round {
+            self.events.push_back(Event::LateMessage {
+                client: from.clone(),
+                round,
+            });
+            Ok(())
+        } else {
+            Err(Error::InvalidMessage(format!(
+                "{kind} for round {round}, but the current round is {}",
+                self.round
+            )))
+        }
+    }
+
+    /// Removes a client, tells it why, and records the failure.
+    fn drop_client(&mut self, now: Instant, client: &ClientId, reason: String) {
+        self.transmits.push_back((
+            client.clone(),
+            Message::Abort {
+                round: None,
+                reason: AbortReason::ProtocolViolation(reason.clone()),
+            },
+        ));
+        self.clients.remove(client);
+        self.events.push_back(Event::ClientDropped {
+            client: client.clone(),
+            reason: reason.clone(),
+        });
+        self.fail(now, client, FailureReason::Invalid(reason));
+    }
+
+    /// Records that `client` will not contribute to the current phase, and moves the phase on
+    /// if that settles it.
+    fn fail(&mut self, now: Instant, client: &ClientId, reason: FailureReason) {
+        match &mut self.phase {
+            Phase::InitParams { asked, tried, .. } if asked == client => {
+                tried.insert(client.clone());
+                let tried = std::mem::take(tried);
+                self.phase = Phase::Waiting;
+                self.ask_for_params(now, tried);
+            }
+            Phase::Train(t) => {
+                if t.pending.remove(client) {
+                    t.failures.push(Failure {
+                        client: client.clone(),
+                        reason,
+                    });
+                    let possible = t.results.len() + t.pending.len();
+                    if t.pending.is_empty() || possible < self.config.min_train_results {
+                        self.close_train(now);
+                    }
+                }
+            }
+            Phase::Evaluate(e) => {
+                if e.pending.remove(client) {
+                    e.failures.push(Failure {
+                        client: client.clone(),
+                        reason,
+                    });
+                    if e.pending.is_empty() {
+                        self.close_eval(now);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn client_infos(&self) -> Vec<ClientInfo> {
+        self.clients
+            .iter()
+            .map(|(id, c)| ClientInfo {
+                id: id.clone(),
+                capabilities: c.capabilities.clone(),
+            })
+            .collect()
+    }
+
+    fn rng_for(&self, round: u64, stream: u64) -> ChaCha8Rng {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
+        rng.set_stream(round.wrapping_mul(4).wrapping_add(stream));
+        rng
+    }
+
+    fn ask_for_params(&mut self, now: Instant, tried: BTreeSet<ClientId>) {
+        let next = self.clients.keys().find(|id| !tried.contains(*id)).cloned();
+        if let Some(id) = next {
+            self.transmits.push_back((id.clone(), Message::GetParams));
+            self.phase = Phase::InitParams {
+                asked: id,
+                tried,
+                deadline: now + self.config.init_timeout,
+            };
+        }
+    }
+
+    /// Starts the next round if the machine is idle and enough clients are enrolled.
+    fn maybe_start(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Waiting) {
+            return;
+        }
+        if self.round >= self.config.num_rounds {
+            self.finish();
+            return;
+        }
+        if self.clients.len() < self.config.min_available_clients {
+            return;
+        }
+        let Some(global) = self.global.clone() else {
+            self.ask_for_params(now, BTreeSet::new());
+            return;
+        };
+        self.round += 1;
+        let round = self.round;
+        let infos = self.client_infos();
+        let mut rng = self.rng_for(round, 0);
+        let plan = self.strategy.configure_train(round, &infos, &mut rng);
+        let mut selected = BTreeSet::new();
+        for (id, config) in plan {
+            if !self.clients.contains_key(&id) || !selected.insert(id.clone()) {
+                continue; // the strategy named an unknown client or named one twice
+            }
+            self.transmits.push_back((
+                id,
+                Message::Train(TrainIns {
+                    round,
+                    config,
+                    deadline_ms: self.config.round_timeout.as_millis() as u64,
+                    model: global.clone(),
+                }),
+            ));
+        }
+        self.events.push_back(Event::RoundStarted {
+            round,
+            selected: selected.len(),
+        });
+        self.phase = Phase::Train(TrainPhase {
+            round,
+            pending: selected.clone(),
+            selected,
+            results: Vec::new(),
+            failures: Vec::new(),
+            deadline: now + self.config.round_timeout,
+        });
+        if let Phase::Train(t) = &self.phase
+            && t.selected.len() < self.config.min_train_results
+        {
+            self.close_train(now);
+        }
+    }
+
+    fn close_train(&mut self, now: Instant) {
+        let Phase::Train(t) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
+            return;
+        };
+        // Tell clients still working that the round is over.
+        for id in &t.pending {
+            self.transmits.push_back((
+                id.clone(),
+                Message::Abort {
+                    round: Some(t.round),
+                    reason: AbortReason::Other("round closed".into()),
+                },
+            ));
+        }
+        let mut failures = t.failures;
+        failures.extend(t.pending.iter().map(|id| Failure {
+            client: id.clone(),
+            reason: FailureReason::Timeout,
+        }));
+        let mut record = RoundRecord {
+            round: t.round,
+            selected: t.selected.len(),
+            results: t.results.len(),
+            failures,
+            train_metrics: weighted_train_metrics(&t.results),
+            evaluation: None,
+            aborted: None,
+        };
+        if t.results.len() < self.config.min_train_results {
+            let reason = AbortReason::TooFewClients {
+                available: t.results.len() as u64,
+                required: self.config.min_train_results as u64,
+            };
+            for id in &t.selected {
+                if t.results.iter().any(|u| &u.client == id) {
+                    self.transmits.push_back((
+                        id.clone(),
+                        Message::Abort {
+                            round: Some(t.round),
+                            reason: reason.clone(),
+                        },
+                    ));
+                }
+            }
+            record.aborted = Some(reason);
+            self.end_round(now, record);
+            return;
+        }
+        let outcome = match &self.global {
+            Some(g) => self.strategy.aggregate_train(
+                t.round,
+                g,
+                TrainResults::Individual(&t.results),
+                &record.failures,
+            ),
+            None => Err(Error::Config("no global model".into())),
+        };
+        match outcome {
+            Ok(Some(new))
+                if new.check_finite().is_ok()
+                    && self
+                        .global
+                        .as_ref()
+                        .is_none_or(|g| g.manifest() == new.manifest()) =>
+            {
+                self.global = Some(new);
+            }
+            Ok(Some(_)) => {
+                record.aborted = Some(AbortReason::Other(
+                    "strategy produced a non-finite or mis-shaped model; kept the previous one"
+                        .into(),
+                ));
+                self.end_round(now, record);
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                record.aborted = Some(AbortReason::Other(format!("aggregation failed: {e}")));
+                self.end_round(now, record);
+                return;
+            }
+        }
+        self.start_eval(now, record);
+    }
+
+    fn start_eval(&mut self, now: Instant, record: RoundRecord) {
+        let round = record.round;
+        let due = self.config.evaluate_every > 0 && round % self.config.evaluate_every == 0;
+        let Some(global) = self.global.clone().filter(|_| due) else {
+            self.end_round(now, record);
+            return;
+        };
+        let infos = self.client_infos();
+        let mut rng = self.rng_for(round, 1);
+        let chosen: BTreeSet<ClientId> = self
+            .strategy
+            .configure_evaluate(round, &infos, &mut rng)
+            .into_iter()
+            .filter(|id| self.clients.contains_key(id))
+            .collect();
+        if chosen.is_empty() {
+            self.end_round(now, record);
+            return;
+        }
+        for id in &chosen {
+            self.transmits.push_back((
+                id.clone(),
+                Message::Evaluate(EvaluateIns {
+                    round,
+                    deadline_ms: self.config.round_timeout.as_millis() as u64,
+                    model: global.clone(),
+                }),
+            ));
+        }
+        self.phase = Phase::Evaluate(EvalPhase {
+            record,
+            pending: chosen,
+            results: Vec::new(),
+            failures: Vec::new(),
+            deadline: now + self.config.round_timeout,
+        });
+    }
+
+    fn close_eval(&mut self, now: Instant) {
+        let Phase::Evaluate(e) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
+            return;
+        };
+        let mut record = e.record;
+        record.evaluation = self
+            .strategy
+            .aggregate_evaluate(record.round, &e.results, &e.failures);
+        self.end_round(now, record);
+    }
+
+    fn end_round(&mut self, now: Instant, record: RoundRecord) {
+        self.history.push(record.clone());
+        self.phase = Phase::Waiting;
+        if record.aborted.is_some() {
+            self.events.push_back(Event::RoundAborted(record));
+        } else {
+            self.events.push_back(Event::RoundCompleted(record));
+        }
+        self.maybe_start(now);
+    }
+
+    fn finish(&mut self) {
+        self.phase = Phase::Finished;
+        for id in self.clients.keys() {
+            self.transmits.push_back((
+                id.clone(),
+                Message::Abort {
+                    round: None,
+                    reason: AbortReason::Finished,
+                },
+            ));
+        }
+        self.events.push_back(Event::Finished);
+    }
+}

@@ -1,0 +1,306 @@
+//! The messages exchanged between the server and a client.
+//!
+//! A [`Message`] is what the round machines consume and produce. On the wire it is split by
+//! [`crate::codec`] into a small control frame (serde, compact binary, size-capped) and, for
+//! the variants that carry a model, the raw little-endian `f32` values that follow it on the
+//! same QUIC stream.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::params::Params;
+
+/// Version of the wire protocol spoken by this build. A peer with another version is refused
+/// at the hello.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Identity of a client. On the network it is taken from the client's certificate, never from
+/// a message.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClientId(pub Arc<str>);
+
+impl ClientId {
+    /// A client id from a string.
+    pub fn new(s: impl AsRef<str>) -> Self {
+        Self(Arc::from(s.as_ref()))
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.0)
+    }
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Named scalar metrics (loss, accuracy, ...), ordered for deterministic encoding.
+pub type Metrics = BTreeMap<String, f64>;
+
+/// What a client can do, sent in its hello.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Compute backend the client trains on (`cpu`, `ndarray`, `cuda`, ...).
+    pub backend: String,
+    /// Number of local training examples, if the client is willing to say.
+    pub num_examples: Option<u64>,
+    /// Whether the client implements secure aggregation.
+    pub secure_aggregation: bool,
+    /// Software version string of the client.
+    pub software: String,
+}
+
+/// First message from a client.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Wire protocol version the client speaks.
+    pub protocol_version: u16,
+    /// What the client can do.
+    pub capabilities: Capabilities,
+}
+
+/// The server's answer to a hello: the client is enrolled.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The id the server knows this client by (from its certificate).
+    pub client_id: ClientId,
+    /// Heartbeat interval the client should keep, in milliseconds.
+    pub heartbeat_ms: u64,
+}
+
+/// Local optimizer.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Optimizer {
+    /// Stochastic gradient descent with optional momentum (0 = none).
+    Sgd {
+        /// Momentum factor.
+        momentum: f64,
+    },
+    /// Adam.
+    Adam {
+        /// First-moment decay.
+        beta1: f64,
+        /// Second-moment decay.
+        beta2: f64,
+        /// Numerical stabilizer.
+        epsilon: f64,
+    },
+}
+
+impl Default for Optimizer {
+    fn default() -> Self {
+        Optimizer::Sgd { momentum: 0.0 }
+    }
+}
+
+/// Local batch size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BatchSize {
+    /// Fixed mini-batch size.
+    Fixed(u32),
+    /// Full batch: the whole local data set at once (McMahan et al.'s B = ∞).
+    Full,
+}
+
+impl Default for BatchSize {
+    fn default() -> Self {
+        BatchSize::Fixed(10)
+    }
+}
+
+/// How a client should train in one round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Local epochs (E).
+    pub epochs: u32,
+    /// Local batch size (B).
+    pub batch_size: BatchSize,
+    /// Learning rate at the start of local training.
+    pub learning_rate: f64,
+    /// Multiplicative learning-rate decay applied per round (1.0 = none).
+    pub lr_decay: f64,
+    /// Optimizer.
+    pub optimizer: Optimizer,
+    /// FedProx proximal term mu (0 = plain FedAvg local training).
+    pub proximal_mu: f64,
+    /// Seed for shuffling and any other local randomness.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: BatchSize::default(),
+            learning_rate: 0.05,
+            lr_decay: 1.0,
+            optimizer: Optimizer::default(),
+            proximal_mu: 0.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Train instructions for one client in one round.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainIns {
+    /// Round number (1-based).
+    pub round: u64,
+    /// Local training configuration.
+    pub config: TrainConfig,
+    /// Time the client has, from receipt, before the server stops waiting (milliseconds).
+    pub deadline_ms: u64,
+    /// The global model to start from.
+    pub model: Params,
+}
+
+/// A client's result of local training.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainRes {
+    /// Round the update belongs to.
+    pub round: u64,
+    /// Number of local examples trained on (the FedAvg weight).
+    pub num_examples: u64,
+    /// Local metrics (training loss, ...).
+    pub metrics: Metrics,
+    /// The locally trained model.
+    pub params: Params,
+}
+
+/// Evaluate instructions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvaluateIns {
+    /// Round number.
+    pub round: u64,
+    /// Time the client has, from receipt (milliseconds).
+    pub deadline_ms: u64,
+    /// The model to evaluate.
+    pub model: Params,
+}
+
+/// A client's evaluation result.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvaluateRes {
+    /// Round the result belongs to.
+    pub round: u64,
+    /// Number of local examples evaluated.
+    pub num_examples: u64,
+    /// Mean loss over those examples.
+    pub loss: f64,
+    /// Other metrics (accuracy, ...).
+    pub metrics: Metrics,
+}
+
+/// Why a round or a session was aborted.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AbortReason {
+    /// Fewer clients remained than the round needs.
+    TooFewClients {
+        /// Clients that could still contribute.
+        available: u64,
+        /// Clients the round needs.
+        required: u64,
+    },
+    /// The client broke the protocol and is dropped.
+    ProtocolViolation(String),
+    /// The server is shutting down.
+    ServerShutdown,
+    /// The federation finished all its rounds.
+    Finished,
+    /// Anything else, in words.
+    Other(String),
+}
+
+impl fmt::Display for AbortReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AbortReason::TooFewClients {
+                available,
+                required,
+            } => write!(
+                f,
+                "too few clients: {available} available, {required} required"
+            ),
+            AbortReason::ProtocolViolation(s) => write!(f, "protocol violation: {s}"),
+            AbortReason::ServerShutdown => f.write_str("server shutting down"),
+            AbortReason::Finished => f.write_str("federation finished"),
+            AbortReason::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Everything the server and a client say to each other.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Message {
+    /// Client → server: first message on a connection.
+    Hello(Hello),
+    /// Server → client: enrolled.
+    Welcome(Welcome),
+    /// Server → client: send your initial parameters (when the server has no model yet).
+    GetParams,
+    /// Client → server: initial parameters.
+    InitialParams(Params),
+    /// Server → client: train.
+    Train(TrainIns),
+    /// Client → server: training result.
+    TrainResult(TrainRes),
+    /// Server → client: evaluate.
+    Evaluate(EvaluateIns),
+    /// Client → server: evaluation result.
+    EvaluateResult(EvaluateRes),
+    /// Either way: the round (or the whole session when `round` is `None`) is over.
+    Abort {
+        /// Round being aborted; `None` for the whole session.
+        round: Option<u64>,
+        /// Why.
+        reason: AbortReason,
+    },
+    /// Either way: liveness.
+    Heartbeat {
+        /// Sender's counter.
+        seq: u64,
+    },
+}
+
+impl Message {
+    /// Short name of the variant, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::GetParams => "GetParams",
+            Message::InitialParams(_) => "InitialParams",
+            Message::Train(_) => "Train",
+            Message::TrainResult(_) => "TrainResult",
+            Message::Evaluate(_) => "Evaluate",
+            Message::EvaluateResult(_) => "EvaluateResult",
+            Message::Abort { .. } => "Abort",
+            Message::Heartbeat { .. } => "Heartbeat",
+        }
+    }
+
+    /// The model this message carries, if any.
+    pub fn params(&self) -> Option<&Params> {
+        match self {
+            Message::InitialParams(p) => Some(p),
+            Message::Train(t) => Some(&t.model),
+            Message::TrainResult(r) => Some(&r.params),
+            Message::Evaluate(e) => Some(&e.model),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The client side of a federation, as a sans-IO state machine.
+//!
+//! The [`Participant`] says hello, waits to be welcomed (the application-level round trip
+//! that proves the server accepted the client's certificate), turns the server's instructions
+//! into [`ParticipantEvent`]s for the driver's trainer, and turns the trainer's results back
+//! into messages, checking that they answer the task actually open. It keeps the heartbeat
+//! timer. Like the [`crate::Coordinator`], it has no sockets and no clock.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::Error;
+use crate::messages::{
+    AbortReason, Capabilities, ClientId, EvaluateRes, Hello, Message, PROTOCOL_VERSION,
+    TrainConfig, TrainRes,
+};
+use crate::params::Params;
+
+/// What the driver should do.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum ParticipantEvent {
+    /// The server accepted us.
+    Enrolled {
+        /// The id the server knows us by.
+        client_id: ClientId,
+    },
+    /// Send the server our initial parameters ([`Participant::submit_initial_params`]).
+    ProvideParams,
+    /// Train and then call [`Participant::submit_train`].
+    Train {
+        /// Round.
+        round: u64,
+        /// Local training configuration.
+        config: TrainConfig,
+        /// Global model to start from.
+        model: Params,
+        /// When the server stops waiting.
+        deadline: Instant,
+    },
+    /// Evaluate and then call [`Participant::submit_evaluation`].
+    Evaluate {
+        /// Round.
+        round: u64,
+        /// Model to evaluate.
+        model: Params,
+        /// When the server stops waiting.
+        deadline: Instant,
+    },
+    /// The server closed a round we may be working on: drop that work.
+    RoundAborted {
+        /// Round.
+        round: u64,
+        /// Why.
+        reason: AbortReason,
+    },
+    /// The session is over (federation finished, or we were dropped).
+    Closed {
+        /// Why.
+        reason: AbortReason,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Task {
+    None,
+    Params,
+    Train(u64),
+    Evaluate(u64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    New,
+    AwaitWelcome,
+    Enrolled(Task),
+    Closed,
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::New => "New",
+            State::AwaitWelcome => "AwaitWelcome",
+            State::Enrolled(Task::None) => "Idle",
+            State::Enrolled(Task::Params) => "ProvidingParams",
+            State::Enrolled(Task::Train(_)) => "Training",
+            State::Enrolled(Task::Evaluate(_)) => "Evaluating",
+            State::Closed => "Closed",
+        }
+    }
+}
+
+/// The client's protocol state machine. See the module docs.
+#[derive(Debug)]
+pub struct Participant {
+    capabilities: Capabilities,
+    state: State,
+    client_id: Option<ClientId>,
+    heartbeat: Option<Duration>,
+    next_heartbeat: Option<Instant>,
+    heartbeat_seq: u64,
+    transmits: VecDeque<Message>,
+    events: VecDeque<ParticipantEvent>,
+}
+
+impl Participant {
+    /// A participant that will declare `capabilities`.
+    pub fn new(capabilities: Capabilities) -> Self {
+        Self {
+            capabilities,
+            state: State::New,
+            client_id: None,
+            heartbeat: None,
+            next_heartbeat: None,
+            heartbeat_seq: 0,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Starts the session: queues the hello.
+    pub fn connect(&mut self, _now: Instant) {
+        if self.state == State::New {
+            self.transmits.push_back(Message::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                capabilities: self.capabilities.clone(),
+            }));
+            self.state = State::AwaitWelcome;
+        }
+    }
+
+    /// True once welcomed.
+    pub fn is_enrolled(&self) -> bool {
+        matches!(self.state, State::Enrolled(_))
+    }
+
+    /// True once the session is over.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// The id the server gave us.
+    pub fn client_id(&self) -> Option<&ClientId> {
+        self.client_id.as_ref()
+    }
+
+    /// Next message to send.
+    pub fn poll_transmit(&mut self) -> Option<Message> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<ParticipantEvent> {
+        self.events.pop_front()
+    }
+
+    /// When the participant next needs [`Participant::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.is_enrolled() {
+            self.next_heartbeat
+        } else {
+            None
+        }
+    }
+
+    /// Timer: sends a heartbeat when one is due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let (Some(due), Some(every)) = (self.next_heartbeat, self.heartbeat)
+            && self.is_enrolled()
+            && now >= due
+        {
+            self.heartbeat_seq += 1;
+            self.transmits.push_back(Message::Heartbeat {
+                seq: self.heartbeat_seq,
+            });
+            self.next_heartbeat = Some(now + every);
+        }
+    }
+
+    /// The connection is gone; the session is over.
+    pub fn handle_disconnect(&mut self) {
+        if self.state != State::Closed {
+            self.state = State::Closed;
+            self.events.push_back(ParticipantEvent::Closed {
+                reason: AbortReason::Other("connection lost".into()),
+            });
+        }
+    }
+
+    /// A message from the server. An `Err` means the server broke the protocol; the driver
+    /// should close the connection.
+    pub fn handle_message(&mut self, now: Instant, msg: Message) -> Result<(), Error> {
+        let unexpected = |state: State, kind| Error::UnexpectedMessage {
+            kind,
+            from: None,
+            state: state.name(),
+        };
+        match (self.state, msg) {
+            (State::Closed, _) => Ok(()),
+            (State::AwaitWelcome, Message::Welcome(w)) => {
+                let every = Duration::from_millis(w.heartbeat_ms.max(100));
+                self.heartbeat = Some(every);
+                self.next_heartbeat = Some(now + every);
+                self.client_id = Some(w.client_id.clone());
+                self.state = State::Enrolled(Task::None);
+                self.events.push_back(ParticipantEvent::Enrolled {
+                    client_id: w.client_id,
+                });
+                Ok(())
+            }
+            (State::Enrolled(_), Message::Welcome(w))
+                if Some(&w.client_id) == self.client_id.as_ref() =>
+            {
+                Ok(()) // a duplicate welcome
+            }
+            (
+                _,
+                Message::Abort {
+                    round: None,
+                    reason,
+                },
+            ) => {
+                self.state = State::Closed;
+                self.events.push_back(ParticipantEvent::Closed { reason });
+                Ok(())
+            }
+            (State::Enrolled(task), msg) => match msg {
+                Message::Heartbeat { .. } => Ok(()),
+                Message::GetParams => {
+                    self.state = State::Enrolled(Task::Params);
+                    self.events.push_back(ParticipantEvent::ProvideParams);
+                    Ok(())
+                }
+                Message::Train(t) => {
+                    t.model.check_finite()?;
+                    self.state = State::Enrolled(Task::Train(t.round));
+                    self.events.push_back(ParticipantEvent::Train {
+                        round: t.round,
+                        config: t.config,
+                        model: t.model,
+                        deadline: now + Duration::from_millis(t.deadline_ms),
+                    });
+                    Ok(())
+                }
+                Message::Evaluate(e) => {
+                    e.model.check_finite()?;
+                    self.state = State::Enrolled(Task::Evaluate(e.round));
+                    self.events.push_back(ParticipantEvent::Evaluate {
+                        round: e.round,
+                        model: e.model,
+                        deadline: now + Duration::from_millis(e.deadline_ms),
+                    });
+                    Ok(())
+                }
+                Message::Abort {
+                    round: Some(round),
+                    reason,
+                } => {
+                    if matches!(task, Task::Train(r) | Task::Evaluate(r) if r == round) {
+                        self.state = State::Enrolled(Task::None);
+                    }
+                    self.events
+                        .push_back(ParticipantEvent::RoundAborted { round, reason });
+                    Ok(())
+                }
+                other => Err(unexpected(self.state, other.kind())),
+            },
+            (state, other) => Err(unexpected(state, other.kind())),
+        }
+    }
+
+    /// The trainer's result for `round`. Errors (and sends nothing) if that is not the open
+    /// task: the round was closed or replaced meanwhile, so the result is stale.
+    pub fn submit_train(&mut self, res: TrainRes) -> Result<(), Error> {
+        if self.state != State::Enrolled(Task::Train(res.round)) {
+            return Err(Error::InvalidMessage(format!(
+                "no open training task for round {} (state {})",
+                res.round,
+                self.state.name()
+            )));
+        }
+        self.state = State::Enrolled(Task::None);
+        self.transmits.push_back(Message::TrainResult(res));
+        Ok(())
+    }
+
+    /// The evaluation result for `res.round`; same rule as [`Participant::submit_train`].
+    pub fn submit_evaluation(&mut self, res: EvaluateRes) -> Result<(), Error> {
+        if self.state != State::Enrolled(Task::Evaluate(res.round)) {
+            return Err(Error::InvalidMessage(format!(
+                "no open evaluation task for round {} (state {})",
+                res.round,
+                self.state.name()
+            )));
+        }
+        self.state = State::Enrolled(Task::None);
+        self.transmits.push_back(Message::EvaluateResult(res));
+        Ok(())
+    }
+
+    /// Our initial parameters, when the server asked for them.
+    pub fn submit_initial_params(&mut self, params: Params) -> Result<(), Error> {
+        if self.state != State::Enrolled(Task::Params) {
+            return Err(Error::InvalidMessage(format!(
+                "the server did not ask for parameters (state {})",
+                self.state.name()
+            )));
+        }
+        self.state = State::Enrolled(Task::None);
+        self.transmits.push_back(Message::InitialParams(params));
+        Ok(())
+    }
+
+    /// Gives up on the open task (the trainer failed), telling the server why.
+    pub fn abandon(&mut self, reason: String) {
+        if let State::Enrolled(task) = self.state {
+            let round = match task {
+                Task::Train(r) | Task::Evaluate(r) => Some(r),
+                Task::Params | Task::None => None,
+            };
+            if let Some(round) = round {
+                self.transmits.push_back(Message::Abort {
+                    round: Some(round),
+                    reason: AbortReason::Other(reason),
+                });
+            }
+            self.state = State::Enrolled(Task::None);
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! Round-machine tests on the deterministic harness: simulated clock, in-memory queues,
+//! injected faults. All seeded; none depends on wall-clock time.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::Duration;
+
+use flotilla_protocol::coordinator::{CoordinatorConfig, Event};
+use flotilla_protocol::harness::{Action, Direction, FixedDelta, Harness};
+use flotilla_protocol::messages::{AbortReason, ClientId, Message, TrainRes};
+use flotilla_protocol::strategy::{FailureReason, FedAvg, Sampling};
+use flotilla_protocol::{Coordinator, Manifest, Params, TensorSpec};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn model(n: usize, value: f32) -> Params {
+    Params::new(
+        Manifest::new(vec![TensorSpec::new("w", &[n])]),
+        vec![value; n],
+    )
+    .unwrap()
+}
+
+fn id(i: usize) -> ClientId {
+    ClientId::new(format!("client-{i:05}"))
+}
+
+fn config(rounds: u64, min: usize) -> CoordinatorConfig {
+    CoordinatorConfig {
+        num_rounds: rounds,
+        min_available_clients: min,
+        min_train_results: min,
+        round_timeout: TIMEOUT,
+        heartbeat_interval: Duration::from_secs(5),
+        idle_timeout: Some(Duration::from_secs(60)),
+        evaluate_every: 1,
+        seed: 42,
+        ..CoordinatorConfig::default()
+    }
+}
+
+fn fedavg(fraction: f64, min_clients: usize) -> Box<FedAvg> {
+    Box::new(FedAvg {
+        train_sampling: Sampling {
+            fraction,
+            min_clients,
+        },
+        evaluate_sampling: Sampling {
+            fraction,
+            min_clients,
+        },
+        ..FedAvg::default()
+    })
+}
+
+/// n clients; client i adds (i+1) and reports (i+1)*10 examples.
+fn harness(n: usize, cfg: CoordinatorConfig, initial: Option<Params>) -> Harness {
+    let c = Coordinator::new(cfg, fedavg(1.0, 1), initial).unwrap();
+    let mut h = Harness::new(c, 7);
+    for i in 0..n {
+        h.add_client(
+            id(i),
+            Box::new(FixedDelta {
+                delta: (i + 1) as f32,
+                num_examples: (i as u64 + 1) * 10,
+                initial: model(4, 0.5),
+                compute: Duration::from_millis(100 + i as u64),
+            }),
+        );
+    }
+    h
+}
+
+/// Example-weighted mean of the deltas of the given clients.
+fn expected_delta(clients: &[usize]) -> f64 {
+    let (mut num, mut den) = (0.0, 0.0);
+    for &i in clients {
+        let w = (i + 1) as f64 * 10.0;
+        num += w * (i + 1) as f64;
+        den += w;
+    }
+    num / den
+}
+
+fn run_full(n: usize, rounds: u64) -> Harness {
+    let mut h = harness(n, config(rounds, n), Some(model(8, 0.0)));
+    assert!(
+        h.run_to_completion(Duration::from_secs(3600)),
+        "did not finish"
+    );
+    h
+}
+
+#[test]
+fn three_participants_three_rounds() {
+    let h = run_full(3, 3);
+    let done = h.completed_rounds();
+    assert_eq!(done.len(), 3);
+    assert!(h.aborted_rounds().is_empty());
+    for r in &done {
+        assert_eq!(r.results, 3);
+        assert!(r.failures.is_empty());
+        assert!(r.evaluation.is_some());
+    }
+    // Hand-computed: weights 10, 20, 30 and deltas 1, 2, 3 → (10+40+90)/60 = 7/3 per round.
+    let per_round = 7.0 / 3.0;
+    for v in h.coordinator.global().unwrap().values() {
+        assert!((*v as f64 - 3.0 * per_round).abs() < 1e-5, "{v}");
+    }
+}
+
+#[test]
+fn ten_participants() {
+    let h = run_full(10, 2);
+    assert_eq!(h.completed_rounds().len(), 2);
+    let all: Vec<usize> = (0..10).collect();
+    let want = 2.0 * expected_delta(&all);
+    for v in h.coordinator.global().unwrap().values() {
+        assert!((*v as f64 - want).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn thousand_participants() {
+    let h = run_full(1000, 2);
+    let done = h.completed_rounds();
+    assert_eq!(done.len(), 2);
+    assert_eq!(done[0].results, 1000);
+    let all: Vec<usize> = (0..1000).collect();
+    let want = 2.0 * expected_delta(&all);
+    let got = h.coordinator.global().unwrap().values()[0] as f64;
+    assert!((got - want).abs() / want < 1e-5, "{got} vs {want}");
+}
+
+#[test]
+fn aggregate_equals_hand_computed_weighted_mean() {
+    // Three clients, initial model 0.5; deltas 1, 2, 3 with weights 10, 20, 30.
+    // New model = 0.5 + (1*10 + 2*20 + 3*30) / 60 = 0.5 + 140/60.
+    let mut h = harness(3, config(1, 3), Some(model(4, 0.5)));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    let want = 0.5f32 + 140.0 / 60.0;
+    assert_eq!(h.coordinator.global().unwrap().values(), &[want; 4]);
+}
+
+#[test]
+fn initial_params_are_taken_from_a_client() {
+    let mut h = harness(3, config(1, 3), None);
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    assert!(h.events.iter().any(|(_, e)| *e == Event::ModelInitialized));
+    // Client 0 (first by id) offers 0.5 everywhere; one round adds 140/60.
+    let want = 0.5f32 + 140.0 / 60.0;
+    assert_eq!(h.coordinator.global().unwrap().values(), &[want; 4]);
+}
+
+#[test]
+fn killed_participants_round_completes_if_enough_remain() {
+    let mut cfg = config(1, 10);
+    cfg.min_train_results = 8;
+    let mut h = harness(10, cfg, Some(model(4, 0.0)));
+    // Let the round start, then crash two clients silently while they train.
+    assert!(h.run_until(TIMEOUT, |h| h.coordinator.phase_name() == "Train"));
+    h.kill(&id(3));
+    h.kill(&id(7));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    let done = h.completed_rounds();
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].results, 8);
+    let mut failed: Vec<_> = done[0].failures.iter().map(|f| f.client.clone()).collect();
+    failed.sort();
+    assert_eq!(failed, vec![id(3), id(7)]);
+    assert!(
+        done[0]
+            .failures
+            .iter()
+            .all(|f| f.reason == FailureReason::Timeout)
+    );
+    // The survivors' weighted mean, exactly.
+    let alive: Vec<usize> = (0..10).filter(|i| *i != 3 && *i != 7).collect();
+    let got = h.coordinator.global().unwrap().values()[0] as f64;
+    assert!((got - expected_delta(&alive)).abs() < 1e-5);
+    // Crashed silently: the round waited for the deadline.
+    let (t, _) = h
+        .events
+        .iter()
+        .find(|(_, e)| matches!(e, Event::RoundCompleted(_)))
+        .unwrap();
+    assert!(*t >= TIMEOUT);
+}
+
+#[test]
+fn disconnected_participants_do_not_hold_the_round() {
+    let mut cfg = config(1, 10);
+    cfg.min_train_results = 8;
+    let mut h = harness(10, cfg, Some(model(4, 0.0)));
+    assert!(h.run_until(TIMEOUT, |h| h.coordinator.phase_name() == "Train"));
+    h.disconnect(&id(1));
+    h.disconnect(&id(2));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    let done = h.completed_rounds();
+    assert_eq!(done[0].results, 8);
+    assert!(
+        done[0]
+            .failures
+            .iter()
+            .all(|f| f.reason == FailureReason::Disconnected)
+    );
+    // The server heard the connections close, so it did not wait for the deadline.
+    let (t, _) = h
+        .events
+        .iter()
+        .find(|(_, e)| matches!(e, Event::RoundCompleted(_)))
+        .unwrap();
+    assert!(*t < Duration::from_secs(1), "{t:?}");
+}
+
+#[test]
+fn too_many_killed_aborts_with_reason() {
+    let mut cfg = config(1, 10);
+    cfg.min_train_results = 8;
+    let mut h = harness(10, cfg, Some(model(4, 0.25)));
+    assert!(h.run_until(TIMEOUT, |h| h.coordinator.phase_name() == "Train"));
+    for i in [0, 2, 4] {
+        h.disconnect(&id(i));
+    }
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    assert!(h.completed_rounds().is_empty());
+    let aborted = h.aborted_rounds();
+    assert_eq!(aborted.len(), 1);
+    // It aborts as soon as 8 results became impossible (the third disconnect).
+    match &aborted[0].aborted {
+        Some(AbortReason::TooFewClients {
+            available,
+            required: 8,
+        }) => assert!(*available < 8),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Nothing was aggregated: the model is unchanged.
+    assert_eq!(h.coordinator.global().unwrap().values(), &[0.25; 4]);
+}
+
+#[test]
+fn garbage_from_a_participant_drops_it_and_the_round_goes_on() {
+    let mut h = harness(
+        5,
+        {
+            let mut c = config(1, 5);
+            c.min_train_results = 3;
+            c
+        },
+        Some(model(4, 0.0)),
+    );
+    let victim = id(2);
+    let v = victim.clone();
+    h.set_filter(Box::new(move |e| {
+        if e.client == &v && matches!(e.message, Message::TrainResult(_)) {
+            Action::Replace(b"\x00\xffnot a flotilla frame at all".to_vec())
+        } else {
+            Action::Deliver
+        }
+    }));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    let dropped = h.dropped_clients();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(dropped[0].0, victim);
+    assert!(dropped[0].1.contains("magic"), "{}", dropped[0].1);
+    let done = h.completed_rounds();
+    assert_eq!(done[0].results, 4);
+    assert!(matches!(
+        done[0].failures[0].reason,
+        FailureReason::Invalid(_)
+    ));
+    // The dropped client learns why.
+    assert!(h.participant(&victim).unwrap().is_closed());
+}
+
+#[test]
+fn nan_or_wrong_shape_updates_drop_the_sender() {
+    let mut h = harness(
+        4,
+        {
+            let mut c = config(1, 4);
+            c.min_train_results = 2;
+            c
+        },
+        Some(model(4, 0.0)),
+    );
+    h.set_filter(Box::new(|e| {
+        if let Message::TrainResult(r) = e.message {
+            let bad = if e.client == &id(0) {
+                let mut v = r.params.values().to_vec();
+                v[1] = f32::NAN;
+                r.params.with_values(v).unwrap()
+            } else if e.client == &id(1) {
+                model(5, 0.0) // another manifest
+            } else {
+                return Action::Deliver;
+            };
+            let msg = Message::TrainResult(TrainRes {
+                params: bad,
+                ..r.clone()
+            });
+            return Action::Replace(flotilla_protocol::codec::encode_to_vec(&msg).unwrap());
+        }
+        Action::Deliver
+    }));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    let dropped = h.dropped_clients();
+    assert_eq!(dropped.len(), 2);
+    assert!(
+        dropped
+            .iter()
+            .any(|(c, r)| c == &id(0) && r.contains("non-finite"))
+    );
+    assert!(
+        dropped
+            .iter()
+            .any(|(c, r)| c == &id(1) && r.contains("manifest"))
+    );
+    let done = h.completed_rounds();
+    assert_eq!(done[0].results, 2);
+    assert!(h.coordinator.global().unwrap().check_finite().is_ok());
+}
+
+#[test]
+fn late_update_after_the_deadline_is_ignored() {
+    let mut cfg = config(2, 3);
+    cfg.min_train_results = 2;
+    let mut h = harness(3, cfg, Some(model(4, 0.0)));
+    let straggler = id(2);
+    let s = straggler.clone();
+    h.set_filter(Box::new(move |e| match e.message {
+        // Arrives just after the deadline, while round 1 is being evaluated.
+        Message::TrainResult(r) if e.client == &s && r.round == 1 => Action::Delay(TIMEOUT),
+        _ => Action::Deliver,
+    }));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    let done = h.completed_rounds();
+    assert_eq!(done.len(), 2);
+    assert_eq!(done[0].results, 2);
+    assert_eq!(done[0].failures[0].client, straggler);
+    assert_eq!(done[0].failures[0].reason, FailureReason::Timeout);
+    assert_eq!(
+        done[1].results, 3,
+        "the straggler is still in the federation"
+    );
+    assert!(h.events.iter().any(
+        |(_, e)| matches!(e, Event::LateMessage { client, round: 1 } if client == &straggler)
+    ));
+    assert!(h.dropped_clients().is_empty());
+    // Round 1 used clients 0 and 1 only; round 2 all three.
+    let want = expected_delta(&[0, 1]) + expected_delta(&[0, 1, 2]);
+    let got = h.coordinator.global().unwrap().values()[0] as f64;
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+}
+
+#[test]
+fn duplicated_messages_change_nothing() {
+    let clean = run_full(5, 2);
+    let mut h = harness(5, config(2, 5), Some(model(8, 0.0)));
+    h.set_filter(Box::new(|_| Action::Duplicate));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    assert_eq!(h.coordinator.global(), clean.coordinator.global());
+    assert!(h.dropped_clients().is_empty());
+}
+
+#[test]
+fn dropped_server_messages_are_cut_at_the_deadline() {
+    let mut cfg = config(1, 4);
+    cfg.min_train_results = 3;
+    let mut h = harness(4, cfg, Some(model(4, 0.0)));
+    h.set_filter(Box::new(|e| match e.message {
+        Message::Train(_) if e.client == &id(3) && e.direction == Direction::ToClient => {
+            Action::Drop
+        }
+        _ => Action::Deliver,
+    }));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    let done = h.completed_rounds();
+    assert_eq!(done[0].results, 3);
+    assert_eq!(done[0].failures[0].client, id(3));
+}
+
+#[test]
+fn random_corruption_never_breaks_the_server() {
+    // Corrupt 20% of all messages both ways, for several seeds: the coordinator must finish
+    // every round (completed or aborted) and its model must stay finite.
+    for seed in 0..8u64 {
+        let mut cfg = config(3, 6);
+        cfg.min_available_clients = 2;
+        cfg.min_train_results = 1;
+        let c = Coordinator::new(cfg, fedavg(1.0, 1), Some(model(16, 0.0))).unwrap();
+        let mut h = Harness::new(c, seed);
+        for i in 0..6 {
+            h.add_client(
+                id(i),
+                Box::new(FixedDelta {
+                    delta: 1.0,
+                    num_examples: 10,
+                    initial: model(16, 0.0),
+                    compute: Duration::from_millis(50),
+                }),
+            );
+        }
+        let mut n = seed;
+        h.set_filter(Box::new(move |_| {
+            n = n
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if (n >> 33) % 5 == 0 {
+                Action::Corrupt
+            } else {
+                Action::Deliver
+            }
+        }));
+        h.run_until(Duration::from_secs(3600), |h| h.coordinator.is_finished());
+        let g = h.coordinator.global().unwrap();
+        assert!(g.check_finite().is_ok(), "seed {seed}");
+        assert!(h.coordinator.history().len() <= 3);
+    }
+}
+
+#[test]
+fn same_seed_same_history() {
+    let run = || {
+        let c = Coordinator::new(config(3, 20), fedavg(0.3, 2), Some(model(4, 0.0))).unwrap();
+        let mut h = Harness::new(c, 99);
+        for i in 0..20 {
+            h.add_client(
+                id(i),
+                Box::new(FixedDelta {
+                    delta: i as f32,
+                    num_examples: 1 + i as u64,
+                    initial: model(4, 0.0),
+                    compute: Duration::from_millis(10 * i as u64),
+                }),
+            );
+        }
+        assert!(h.run_to_completion(Duration::from_secs(3600)));
+        (
+            h.coordinator.history().to_vec(),
+            h.coordinator.global().cloned(),
+            h.stats,
+        )
+    };
+    let a = run();
+    let b = run();
+    assert_eq!(a, b);
+    // Sampling 30% of 20 picks 6 clients per round.
+    assert!(a.0.iter().all(|r| r.selected == 6));
+}
+
+#[test]
+fn idle_clients_are_dropped_and_heartbeats_keep_them() {
+    // The round timeout is long; one client stops (silently) between rounds. Heartbeats keep
+    // the others, the idle timeout removes the dead one, and the next round goes on without it.
+    let mut cfg = config(2, 3);
+    cfg.min_available_clients = 2;
+    cfg.min_train_results = 2;
+    let mut h = harness(3, cfg, Some(model(4, 0.0)));
+    h.set_filter(Box::new(|_| Action::Deliver));
+    assert!(h.run_until(Duration::from_secs(600), |h| {
+        !h.completed_rounds().is_empty()
+    }));
+    h.kill(&id(1));
+    assert!(h.run_to_completion(Duration::from_secs(3600)));
+    let done = h.completed_rounds();
+    assert_eq!(done.len(), 2);
+    // Round 2 started right away with all three and lost the dead one at the deadline or by
+    // idleness, whichever came first; either way it completed with 2.
+    assert_eq!(done[1].results, 2);
+}

@@ -632,6 +632,28 @@ mod tests {
         }
     }
 
+    /// The encoding of every variant is pinned by a file in `tests/golden/`. A change to the
+    /// wire format fails here; if it is intended, bump `WIRE_VERSION` or append variants, then
+    /// regenerate with `FLOTILLA_BLESS=1 cargo test -p flotilla-protocol golden`.
+    #[test]
+    fn golden_files() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+        let bless = std::env::var_os("FLOTILLA_BLESS").is_some();
+        for (i, m) in all_messages().iter().enumerate() {
+            let path = dir.join(format!("{i:02}-{}.bin", m.kind()));
+            let bytes = encode_to_vec(m).unwrap();
+            if bless {
+                std::fs::create_dir_all(&dir).unwrap();
+                std::fs::write(&path, &bytes).unwrap();
+            }
+            let golden = std::fs::read(&path).unwrap_or_else(|e| {
+                panic!("{}: {e} (bless with FLOTILLA_BLESS=1)", path.display())
+            });
+            assert_eq!(bytes, golden, "encoding of {} changed", m.kind());
+            assert_eq!(&decode_from_slice(&golden, &Limits::default()).unwrap(), m);
+        }
+    }
+
     #[test]
     fn payload_in_odd_chunks() {
         let m = Message::InitialParams(params());

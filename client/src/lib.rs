@@ -1,1 +1,78 @@
-//! placeholder
+//! # flotilla-client
+//!
+//! The edge client: everything that knows about Burn lives here.
+//!
+//! * [`data`]: IDX loading (MNIST, Fashion-MNIST; raw or gzip, validated) and the small MNIST
+//!   subset bundled for the offline quick start.
+//! * [`partition`]: IID, sort-and-shard and Dirichlet splits, deterministic by seed.
+//! * [`models`]: McMahan et al.'s 2NN and CNN, and the [`Classifier`] trait your own model
+//!   implements.
+//! * [`convert`]: Burn module ⇄ flat [`flotilla_protocol::Params`], bit-exact, with the manifest
+//!   checked so a mismatched vector is a typed error.
+//! * [`trainer`]: the [`Trainer`] seam and [`BurnTrainer`] (SGD/momentum/Adam, FedProx).
+//! * [`backend`]: the device, chosen at run time (`cpu` = burn's `flex`, `ndarray`, `cuda`).
+//!
+//! Burn 0.22 has no backend type parameter: models hold tensors on a runtime `Device`, so all
+//! of this code is backend-agnostic and only [`backend::select_device`] names a backend.
+
+#![warn(missing_docs)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
+pub mod backend;
+pub mod convert;
+pub mod data;
+pub mod models;
+pub mod partition;
+pub mod trainer;
+
+pub use backend::{BackendKind, select_device};
+pub use models::{Classifier, Cnn, Mlp2nn, ModelKind};
+pub use trainer::{BurnTrainer, Evaluation, LocalData, LocalUpdate, Trainer};
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the client crate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading a file failed.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An IDX file that is truncated or corrupt.
+    #[error("bad IDX file {path}: {reason}")]
+    Idx {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Unusable data (sizes, labels, partitions).
+    #[error("data error: {0}")]
+    Data(String),
+    /// Parameters that do not fit the model, or a model that cannot be used.
+    #[error("model error: {0}")]
+    Model(String),
+    /// Training failed (diverged, ...).
+    #[error("training failed: {0}")]
+    Training(String),
+    /// A bad setting.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A protocol-level error (invalid parameters, ...).
+    #[error(transparent)]
+    Protocol(#[from] flotilla_protocol::Error),
+}

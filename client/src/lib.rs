@@ -29,6 +29,7 @@
 pub mod backend;
 pub mod convert;
 pub mod data;
+pub mod driver;
 pub mod models;
 pub mod partition;
 pub mod trainer;
@@ -72,6 +73,9 @@ pub enum Error {
     /// A bad setting.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Certificates and keys.
+    #[error(transparent)]
+    Crypto(#[from] flotilla_crypto::Error),
     /// A protocol-level error (invalid parameters, ...).
     #[error(transparent)]
     Protocol(#[from] flotilla_protocol::Error),

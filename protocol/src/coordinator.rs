@@ -98,7 +98,7 @@ impl CoordinatorConfig {
 }
 
 /// What happened in one round, as recorded in the history and checkpoints.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RoundRecord {
     /// Round number.
     pub round: u64,

@@ -105,6 +105,9 @@ pub enum Error {
     /// A misconfiguration.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The transport failed (connection lost, stream reset, ...).
+    #[error("transport: {0}")]
+    Transport(String),
     /// An operation on a client the machine does not know.
     #[error("unknown client {0:?}")]
     UnknownClient(ClientId),

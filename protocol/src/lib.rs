@@ -40,6 +40,8 @@ pub mod harness;
 pub mod messages;
 pub mod params;
 pub mod participant;
+#[cfg(feature = "quic")]
+pub mod quic;
 pub mod strategy;
 
 pub use coordinator::{Coordinator, CoordinatorConfig, Event, RoundRecord, Snapshot};

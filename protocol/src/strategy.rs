@@ -97,7 +97,7 @@ pub enum TrainResults<'a> {
 }
 
 /// Why a selected client did not contribute.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum FailureReason {
     /// It did not answer before the deadline.
@@ -109,7 +109,7 @@ pub enum FailureReason {
 }
 
 /// A selected client that did not contribute, and why.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Failure {
     /// The client.
     pub client: ClientId,
@@ -118,7 +118,7 @@ pub struct Failure {
 }
 
 /// Aggregated evaluation results of a round.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EvalSummary {
     /// Examples evaluated over all clients.
     pub num_examples: u64,

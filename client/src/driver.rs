@@ -1,0 +1,429 @@
+//! The client's driver: a quinn connection pumped into the sans-IO
+//! [`Participant`](flotilla_protocol::Participant), with training run off the async runtime.
+//!
+//! * **Enrollment** is an application-level round trip: with TLS 1.3 over QUIC a server that
+//!   refuses our certificate only says so after the handshake "succeeded" on our side, at the
+//!   first stream. So the client counts itself enrolled only when the server's `Welcome`
+//!   arrives, and reports a refused certificate as such (and does not retry it).
+//! * **Training** runs in `spawn_blocking` (Burn is synchronous and CPU-bound); heartbeats and
+//!   server messages keep flowing meanwhile. A result for a round the server has closed is
+//!   refused by the participant and dropped.
+//! * **Reconnection**: a lost connection or a restarting server is retried with exponential
+//!   backoff and jitter; a finished federation or a shutdown request ends the loop cleanly.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_crypto::pki::Identity;
+use flotilla_crypto::tls;
+use flotilla_protocol::codec::Limits;
+use flotilla_protocol::messages::{AbortReason, Capabilities, EvaluateRes, Metrics, TrainConfig, TrainRes};
+use flotilla_protocol::quic::{recv_message, send_message};
+use flotilla_protocol::{Message, Params, Participant, ParticipantEvent};
+use rand::Rng;
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::Error;
+use crate::trainer::Trainer;
+
+/// How to reach the server and who we are.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Server UDP address.
+    pub server: SocketAddr,
+    /// Name in the server's certificate.
+    pub server_name: String,
+    /// Our certificate and key.
+    pub identity: Identity,
+    /// The federation CA.
+    pub ca: Vec<CertificateDer<'static>>,
+    /// First reconnection delay.
+    pub backoff_initial: Duration,
+    /// Longest reconnection delay.
+    pub backoff_max: Duration,
+    /// Give up after this many failed connection attempts in a row (`None`: never).
+    pub max_attempts: Option<u32>,
+    /// How long to wait for the server's welcome.
+    pub enroll_timeout: Duration,
+    /// Largest model accepted.
+    pub max_model_bytes: u64,
+    /// Declared in the hello.
+    pub capabilities: Capabilities,
+}
+
+impl ClientOptions {
+    /// Options with sane defaults (backoff 0.5 s doubling to 30 s, retry forever).
+    pub fn new(server: SocketAddr, server_name: impl Into<String>, identity: Identity, ca: Vec<CertificateDer<'static>>) -> Self {
+        Self {
+            server,
+            server_name: server_name.into(),
+            identity,
+            ca,
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            max_attempts: None,
+            enroll_timeout: Duration::from_secs(15),
+            max_model_bytes: flotilla_protocol::codec::DEFAULT_MAX_PAYLOAD_BYTES,
+            capabilities: Capabilities {
+                backend: "cpu".into(),
+                num_examples: None,
+                secure_aggregation: false,
+                software: format!("flotilla-client {}", env!("CARGO_PKG_VERSION")),
+            },
+        }
+    }
+}
+
+/// What a client run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Connections made (1 + reconnections).
+    pub connections: u32,
+    /// Training rounds completed and sent.
+    pub rounds_trained: u32,
+    /// Evaluations sent.
+    pub evaluations: u32,
+    /// UDP bytes sent, QUIC overhead included.
+    pub udp_bytes_sent: u64,
+    /// UDP bytes received, QUIC overhead included.
+    pub udp_bytes_received: u64,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    Finished,
+    Shutdown,
+}
+
+/// Why a session failed.
+#[derive(Debug)]
+enum SessionError {
+    /// Worth retrying (connection lost, server restarting...).
+    Retry(String, bool),
+    /// Not worth retrying (certificate refused...).
+    Fatal(Error),
+}
+
+/// True if a connection error is the peer's TLS alert (a refused certificate).
+fn is_tls_rejection(e: &quinn::ConnectionError) -> bool {
+    let code = match e {
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        _ => return false,
+    };
+    (0x100..0x200).contains(&code)
+}
+
+enum Job {
+    Train(u64, Params, TrainConfig),
+    Evaluate(u64, Params),
+    Initial,
+}
+
+enum JobDone<T> {
+    Train(T, u64, Result<crate::trainer::LocalUpdate, Error>),
+    Evaluate(T, u64, Result<crate::trainer::Evaluation, Error>),
+    Initial(T, Result<Params, Error>),
+}
+
+fn run_job<T: Trainer>(mut t: T, job: Job) -> JobDone<T> {
+    match job {
+        Job::Train(round, model, config) => {
+            let r = t.train(&model, &config);
+            JobDone::Train(t, round, r)
+        }
+        Job::Evaluate(round, model) => {
+            let r = t.evaluate(&model);
+            JobDone::Evaluate(t, round, r)
+        }
+        Job::Initial => {
+            let r = t.initial_params();
+            JobDone::Initial(t, r)
+        }
+    }
+}
+
+/// Runs a client until the federation finishes, `shutdown` is set, or a fatal error. Returns
+/// the trainer back with the statistics.
+pub async fn run<T: Trainer + 'static>(
+    options: ClientOptions,
+    trainer: T,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(T, ClientStats), Error> {
+    let tls = tls::client_config(&options.identity, &options.ca)?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))
+        .map_err(|e| Error::Config(format!("TLS config unusable for QUIC: {e}")))?;
+    let mut cc = quinn::ClientConfig::new(Arc::new(quic));
+    cc.transport_config(Arc::new(flotilla_protocol::quic::transport_config()));
+    let bind: SocketAddr = if options.server.is_ipv6() {
+        "[::]:0".parse().map_err(|_| Error::Config("bind address".into()))?
+    } else {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|source| Error::Io {
+        path: "udp socket".into(),
+        source,
+    })?;
+    endpoint.set_default_client_config(cc);
+
+    let mut trainer = Some(trainer);
+    let mut stats = ClientStats::default();
+    let mut backoff = options.backoff_initial;
+    let mut failures = 0u32;
+    let result = loop {
+        stats.connections += 1;
+        let outcome = session(&endpoint, &options, &mut trainer, &mut stats, &mut shutdown).await;
+        match outcome {
+            Ok(SessionEnd::Finished) => {
+                info!("federation finished");
+                break Ok(());
+            }
+            Ok(SessionEnd::Shutdown) => break Ok(()),
+            Err(SessionError::Fatal(e)) => break Err(e),
+            Err(SessionError::Retry(why, was_enrolled)) => {
+                if was_enrolled {
+                    backoff = options.backoff_initial;
+                    failures = 0;
+                }
+                failures += 1;
+                if options.max_attempts.is_some_and(|m| failures >= m) {
+                    break Err(Error::Config(format!("giving up after {failures} attempts: {why}")));
+                }
+                let jittered = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+                warn!("{why}; reconnecting in {:.1}s", jittered.as_secs_f64());
+                tokio::select! {
+                    _ = tokio::time::sleep(jittered) => {}
+                    _ = shutdown.changed() => break Ok(()),
+                }
+                backoff = (backoff * 2).min(options.backoff_max);
+            }
+        }
+    };
+    endpoint.close(0u32.into(), b"client done");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let trainer = trainer.ok_or_else(|| Error::Model("trainer lost".into()))?;
+    result.map(|()| (trainer, stats))
+}
+
+async fn session<T: Trainer + 'static>(
+    endpoint: &quinn::Endpoint,
+    options: &ClientOptions,
+    trainer: &mut Option<T>,
+    stats: &mut ClientStats,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<SessionEnd, SessionError> {
+    let retry = |e: String| SessionError::Retry(e, false);
+    let connecting = endpoint
+        .connect(options.server, &options.server_name)
+        .map_err(|e| SessionError::Fatal(Error::Config(format!("cannot connect: {e}"))))?;
+    let conn = match connecting.await {
+        Ok(c) => c,
+        Err(e) if is_tls_rejection(&e) => {
+            return Err(SessionError::Fatal(Error::Config(format!(
+                "TLS handshake with {} failed: {e}",
+                options.server
+            ))));
+        }
+        Err(e) => return Err(retry(format!("cannot connect to {}: {e}", options.server))),
+    };
+    let result = drive(&conn, options, trainer, stats, shutdown).await;
+    let s = conn.stats();
+    stats.udp_bytes_sent += s.udp_tx.bytes;
+    stats.udp_bytes_received += s.udp_rx.bytes;
+    result
+}
+
+async fn drive<T: Trainer + 'static>(
+    conn: &quinn::Connection,
+    options: &ClientOptions,
+    trainer: &mut Option<T>,
+    stats: &mut ClientStats,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<SessionEnd, SessionError> {
+    // Reader: one message per stream, in order.
+    let (in_tx, mut in_rx) = mpsc::unbounded_channel();
+    let limits = Limits {
+        max_payload_bytes: options.max_model_bytes,
+        ..Limits::default()
+    };
+    let reader_conn = conn.clone();
+    let reader = tokio::spawn(async move {
+        loop {
+            let mut s = match reader_conn.accept_uni().await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = in_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let r = recv_message(&mut s, &limits, None).await.map(|(m, _)| m);
+            if in_tx.send(r.map_err(|e| e.to_string())).is_err() {
+                return;
+            }
+        }
+    });
+    // Writer: in order too.
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
+    let writer_conn = conn.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            if let Err(e) = send_message(&writer_conn, &m).await {
+                debug!("send failed: {e}");
+                return;
+            }
+        }
+    });
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<JobDone<T>>();
+    let mut pending: Option<Job> = None;
+    let mut busy = false;
+
+    let mut p = Participant::new(options.capabilities.clone());
+    p.connect(Instant::now());
+    let enroll_by = tokio::time::Instant::now() + options.enroll_timeout;
+    let end = 'session: loop {
+        // Route what the participant wants done.
+        while let Some(m) = p.poll_transmit() {
+            let _ = out_tx.send(m);
+        }
+        while let Some(ev) = p.poll_event() {
+            match ev {
+                ParticipantEvent::Enrolled { client_id } => info!("enrolled as {client_id}"),
+                ParticipantEvent::ProvideParams => pending = Some(Job::Initial),
+                ParticipantEvent::Train { round, config, model, .. } => {
+                    debug!("round {round}: training");
+                    pending = Some(Job::Train(round, model, config));
+                }
+                ParticipantEvent::Evaluate { round, model, .. } => pending = Some(Job::Evaluate(round, model)),
+                ParticipantEvent::RoundAborted { round, reason } => debug!("round {round} closed: {reason}"),
+                ParticipantEvent::Closed { reason } => {
+                    break 'session match reason {
+                        AbortReason::Finished => Ok(SessionEnd::Finished),
+                        other => Err(SessionError::Retry(format!("server closed the session: {other}"), true)),
+                    };
+                }
+                other => debug!("{other:?}"),
+            }
+        }
+        // Take the trainer only when there is a job for it.
+        if !busy
+            && pending.is_some()
+            && let Some(t) = trainer.take()
+            && let Some(job) = pending.take()
+        {
+            busy = true;
+            let done = done_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = done.send(run_job(t, job));
+            });
+        }
+
+        let hb = p.poll_timeout();
+        tokio::select! {
+            msg = in_rx.recv() => match msg {
+                Some(Ok(m)) => {
+                    debug!("received {}", m.kind());
+                    if let Err(e) = p.handle_message(Instant::now(), m) {
+                        break Err(SessionError::Retry(format!("server sent an invalid message: {e}"), p.is_enrolled()));
+                    }
+                }
+                Some(Err(e)) => {
+                    if let Some(reason) = conn.close_reason() {
+                        if is_tls_rejection(&reason) {
+                            break Err(SessionError::Fatal(Error::Config(format!(
+                                "the server refused our certificate: {reason}"
+                            ))));
+                        }
+                        break Err(SessionError::Retry(format!("connection lost: {reason}"), p.is_enrolled()));
+                    }
+                    break Err(SessionError::Retry(format!("bad message from the server: {e}"), p.is_enrolled()));
+                }
+                None => break Err(SessionError::Retry("connection reader ended".into(), p.is_enrolled())),
+            },
+            Some(done) = done_rx.recv() => {
+                busy = false;
+                match done {
+                    JobDone::Train(t, round, r) => {
+                        *trainer = Some(t);
+                        match r {
+                            Ok(u) => {
+                                let res = TrainRes { round, num_examples: u.num_examples, metrics: u.metrics, params: u.params };
+                                match p.submit_train(res) {
+                                    Ok(()) => stats.rounds_trained += 1,
+                                    Err(e) => debug!("dropping a stale result: {e}"),
+                                }
+                            }
+                            Err(e) => {
+                                warn!("round {round}: training failed: {e}");
+                                p.abandon(e.to_string());
+                            }
+                        }
+                    }
+                    JobDone::Evaluate(t, round, r) => {
+                        *trainer = Some(t);
+                        match r {
+                            Ok(ev) => {
+                                let mut metrics = Metrics::new();
+                                metrics.insert("accuracy".into(), ev.accuracy);
+                                let res = EvaluateRes { round, num_examples: ev.num_examples, loss: ev.loss, metrics };
+                                if p.submit_evaluation(res).is_ok() {
+                                    stats.evaluations += 1;
+                                }
+                            }
+                            Err(e) => {
+                                warn!("round {round}: evaluation failed: {e}");
+                                p.abandon(e.to_string());
+                            }
+                        }
+                    }
+                    JobDone::Initial(t, r) => {
+                        *trainer = Some(t);
+                        match r.map_err(|e| e.to_string()).and_then(|params| p.submit_initial_params(params).map_err(|e| e.to_string())) {
+                            Ok(()) => {}
+                            Err(e) => warn!("could not provide initial parameters: {e}"),
+                        }
+                    }
+                }
+            }
+            _ = sleep_until(hb) => p.handle_timeout(Instant::now()),
+            _ = tokio::time::sleep_until(enroll_by), if !p.is_enrolled() => {
+                break Err(SessionError::Retry("no welcome from the server in time".into(), false));
+            }
+            _ = shutdown.changed() => {
+                info!("shutting down");
+                let _ = out_tx.send(Message::Abort { round: None, reason: AbortReason::Other("client shutting down".into()) });
+                break Ok(SessionEnd::Shutdown);
+            }
+        }
+    };
+    // A job still running keeps the trainer; wait for it so the trainer is not lost.
+    if busy && let Some(done) = done_rx.recv().await {
+        *trainer = Some(match done {
+            JobDone::Train(t, ..) | JobDone::Evaluate(t, ..) | JobDone::Initial(t, _) => t,
+        });
+    }
+    finish(conn, reader, writer, out_tx, end).await
+}
+
+async fn finish(
+    conn: &quinn::Connection,
+    reader: tokio::task::JoinHandle<()>,
+    writer: tokio::task::JoinHandle<()>,
+    out_tx: mpsc::UnboundedSender<Message>,
+    end: Result<SessionEnd, SessionError>,
+) -> Result<SessionEnd, SessionError> {
+    drop(out_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    conn.close(0u32.into(), b"bye");
+    reader.abort();
+    end
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}

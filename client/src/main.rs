@@ -1,0 +1,163 @@
+//! `flotilla-client`: join a federation and train on local data.
+//!
+//! ```sh
+//! flotilla-client --server 10.0.0.5:4433 --server-name fl.example.org \
+//!     --pki pki --id client-7 --data ~/mnist --partition 7/100 --model cnn --backend cpu
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use flotilla_client::data::{Dataset, Split, bundled, load_idx_dir};
+use flotilla_client::driver::{ClientOptions, run};
+use flotilla_client::partition::Partition;
+use flotilla_client::{BackendKind, BurnTrainer, Cnn, LocalData, Mlp2nn, ModelKind, select_device};
+use flotilla_crypto::pki::{Identity, PkiDir, load_certs};
+
+#[derive(Parser, Debug)]
+#[command(name = "flotilla-client", version, about = "Flotilla edge client: trains locally with Burn, talks QUIC + mutual TLS")]
+struct Args {
+    /// Server address (host:port, UDP).
+    #[arg(long)]
+    server: SocketAddr,
+    /// Name the server's certificate is issued for.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// PKI directory (ca.crt and clients/<id>.crt/.key); or give --ca/--cert/--key.
+    #[arg(long)]
+    pki: Option<PathBuf>,
+    /// Client id (with --pki).
+    #[arg(long)]
+    id: Option<String>,
+    /// CA certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Our certificate.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// Our private key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Directory with MNIST-format IDX files, or "bundled" for the built-in MNIST subset.
+    #[arg(long, default_value = "bundled")]
+    data: String,
+    /// Which share of the data this client holds: INDEX/COUNT (e.g. 3/10). Default: all.
+    #[arg(long)]
+    partition: Option<String>,
+    /// How the data is split among COUNT clients: iid, shards, or dirichlet:<alpha>.
+    #[arg(long, default_value = "iid")]
+    split: String,
+    /// Seed of the split (all clients of a federation must use the same).
+    #[arg(long, default_value_t = 0)]
+    split_seed: u64,
+    /// Model: cnn or 2nn.
+    #[arg(long, default_value = "cnn")]
+    model: String,
+    /// Compute backend: cpu (burn flex), ndarray or cuda.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+}
+
+fn parse_split(s: &str) -> anyhow::Result<Partition> {
+    Ok(match s {
+        "iid" => Partition::Iid,
+        "shards" => Partition::Shards { per_client: 2 },
+        other => match other.strip_prefix("dirichlet:") {
+            Some(a) => Partition::Dirichlet {
+                alpha: a.parse().context("dirichlet alpha")?,
+            },
+            None => anyhow::bail!("unknown split {other:?} (iid, shards, dirichlet:<alpha>)"),
+        },
+    })
+}
+
+fn load(data: &str, split: Split) -> anyhow::Result<Dataset> {
+    Ok(if data == "bundled" {
+        bundled::mnist(split)?
+    } else {
+        load_idx_dir(std::path::Path::new(data), split)?
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn")),
+        )
+        .init();
+    let args = Args::parse();
+    let (ca, cert, key) = match (&args.pki, &args.id) {
+        (Some(dir), Some(id)) => {
+            let pki = PkiDir::new(dir);
+            (pki.ca_cert(), pki.client_cert(id), pki.client_key(id))
+        }
+        _ => (
+            args.ca.clone().context("give --pki and --id, or --ca, --cert and --key")?,
+            args.cert.clone().context("--cert is required without --pki")?,
+            args.key.clone().context("--key is required without --pki")?,
+        ),
+    };
+    let identity = Identity::load(&cert, &key)?;
+    let ca = load_certs(&ca)?;
+
+    let train = load(&args.data, Split::Train)?;
+    let test = load(&args.data, Split::Test)?;
+    let (train_local, test_local) = match &args.partition {
+        None => (LocalData::all(train), LocalData::all(test)),
+        Some(p) => {
+            let (i, n) = p.split_once('/').context("--partition is INDEX/COUNT")?;
+            let (i, n): (usize, usize) = (i.parse()?, n.parse()?);
+            anyhow::ensure!(i < n, "partition index {i} must be below {n}");
+            let how = parse_split(&args.split)?;
+            let tr = how.split(&train.labels, train.num_classes, n, args.split_seed)?;
+            let te = Partition::Iid.split(&test.labels, test.num_classes, n, args.split_seed)?;
+            let (tr, te) = (tr.into_iter().nth(i), te.into_iter().nth(i));
+            (
+                LocalData::subset(train, tr.context("partition")?)?,
+                LocalData::subset(test, te.context("partition")?)?,
+            )
+        }
+    };
+    tracing::info!("{} training and {} test examples", train_local.len(), test_local.len());
+
+    let backend: BackendKind = args.backend.parse()?;
+    let (device, used) = select_device(backend);
+    let mut options = ClientOptions::new(args.server, args.server_name, identity, ca);
+    options.capabilities.backend = used.to_string();
+    options.capabilities.num_examples = Some(train_local.len() as u64);
+    let model: ModelKind = args.model.parse()?;
+
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("Ctrl-C: leaving the federation");
+                let _ = stop_tx.send(true);
+            }
+        });
+        let side = train_local.data.rows;
+        let classes = train_local.data.num_classes;
+        let stats = match model {
+            ModelKind::Cnn => {
+                let t = BurnTrainer::new(Cnn::new(side, classes, &device), train_local, Some(test_local))?;
+                run(options, t, stop_rx).await?.1
+            }
+            ModelKind::Mlp2nn => {
+                let t = BurnTrainer::new(Mlp2nn::new(side * side, classes, &device), train_local, Some(test_local))?;
+                run(options, t, stop_rx).await?.1
+            }
+        };
+        tracing::info!(
+            "trained {} rounds, {} evaluations; {:.1} MB sent, {:.1} MB received",
+            stats.rounds_trained,
+            stats.evaluations,
+            stats.udp_bytes_sent as f64 / 1e6,
+            stats.udp_bytes_received as f64 / 1e6
+        );
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,189 @@
+//! `flotilla-server`: run an aggregation server, manage the federation's certificates, export
+//! the model.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use flotilla_crypto::pki::PkiDir;
+use flotilla_server::{ServerConfig, checkpoint};
+
+#[derive(Parser, Debug)]
+#[command(name = "flotilla-server", version, about = "Flotilla aggregation server (QUIC + mutual TLS)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server.
+    Run(RunArgs),
+    /// Manage the federation's certificates.
+    Certs {
+        /// PKI directory (ca.crt, ca.key, server.*, clients/, crl.pem).
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        #[command(subcommand)]
+        action: CertsAction,
+    },
+    /// Export the newest valid checkpoint's model as safetensors.
+    Export {
+        /// Checkpoint directory.
+        #[arg(long, default_value = "checkpoints")]
+        checkpoint_dir: PathBuf,
+        /// Output file.
+        #[arg(long, default_value = "model.safetensors")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsAction {
+    /// Create the federation CA (refuses to overwrite one).
+    Init {
+        /// CA name.
+        #[arg(long, default_value = "Flotilla federation CA")]
+        name: String,
+    },
+    /// Issue the server certificate for these DNS names / IP addresses.
+    IssueServer {
+        /// DNS names and IP addresses (repeat).
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+    },
+    /// Issue a client certificate.
+    IssueClient {
+        /// Client id (1-64 of A-Z a-z 0-9 . _ -).
+        id: String,
+    },
+    /// Revoke a client's certificate (adds it to crl.pem; restart or reload the server).
+    Revoke {
+        /// Client id.
+        id: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override: UDP address to listen on.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Override: number of rounds.
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// Override: clients needed to start a round.
+    #[arg(long)]
+    min_clients: Option<usize>,
+    /// Override: round deadline in seconds.
+    #[arg(long)]
+    round_timeout: Option<f64>,
+    /// Override: checkpoint directory.
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Override: initial model (.safetensors or .ckpt).
+    #[arg(long)]
+    initial_model: Option<PathBuf>,
+    /// Override: PKI directory holding ca.crt, server.crt, server.key and crl.pem.
+    #[arg(long)]
+    pki: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Certs { dir, action } => certs(PkiDir::new(dir), action),
+        Command::Export { checkpoint_dir, out } => {
+            let (path, snapshot, _) = checkpoint::latest_valid(&checkpoint_dir)?
+                .with_context(|| format!("no valid checkpoint in {}", checkpoint_dir.display()))?;
+            checkpoint::export_safetensors(&snapshot.global, &out)?;
+            println!(
+                "exported round {} from {} to {}",
+                snapshot.round,
+                path.display(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Run(args) => run(args),
+    }
+}
+
+fn certs(pki: PkiDir, action: CertsAction) -> anyhow::Result<()> {
+    match action {
+        CertsAction::Init { name } => {
+            pki.init(&name)?;
+            println!("created CA {} and empty CRL {}", pki.ca_cert().display(), pki.crl().display());
+        }
+        CertsAction::IssueServer { names } => {
+            pki.issue_server(&names)?;
+            println!("issued {} for {}", pki.server_cert().display(), names.join(", "));
+        }
+        CertsAction::IssueClient { id } => {
+            pki.issue_client(&id)?;
+            println!("issued {} and {}", pki.client_cert(&id).display(), pki.client_key(&id).display());
+        }
+        CertsAction::Revoke { id } => {
+            pki.revoke(&id)?;
+            println!("revoked {id}; {} updated", pki.crl().display());
+        }
+    }
+    Ok(())
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(p) => ServerConfig::load(p)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(dir) = args.pki {
+        let pki = PkiDir::new(dir);
+        config.tls.ca = pki.ca_cert();
+        config.tls.cert = pki.server_cert();
+        config.tls.key = pki.server_key();
+        config.tls.crl = pki.crl().exists().then(|| pki.crl());
+    }
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.rounds {
+        config.rounds.num_rounds = v;
+    }
+    if let Some(v) = args.min_clients {
+        config.rounds.min_available_clients = v;
+        config.rounds.min_train_results = config.rounds.min_train_results.min(v);
+    }
+    if let Some(v) = args.round_timeout {
+        config.rounds.round_timeout_secs = v;
+    }
+    if let Some(v) = args.checkpoint_dir {
+        config.checkpoint_dir = v;
+    }
+    if let Some(v) = args.initial_model {
+        config.initial_model = Some(v);
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut server = flotilla_server::start(config, None)?;
+        let summary = tokio::select! {
+            s = server.join() => s,
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("Ctrl-C: stopping (checkpoints on disk are kept)");
+                server.shutdown();
+                server.join().await
+            }
+        }?;
+        let done = summary.history.iter().filter(|r| r.aborted.is_none()).count();
+        tracing::info!("{done} rounds completed");
+        anyhow::Ok(())
+    })
+}

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use flotilla_crypto::pki::Identity;
 use flotilla_crypto::tls;
 use flotilla_protocol::codec::Limits;
-use flotilla_protocol::messages::{AbortReason, Capabilities, EvaluateRes, Metrics, TrainConfig, TrainRes};
+use flotilla_protocol::messages::{
+    AbortReason, Capabilities, EvaluateRes, Metrics, TrainConfig, TrainRes,
+};
 use flotilla_protocol::quic::{recv_message, send_message};
 use flotilla_protocol::{Message, Params, Participant, ParticipantEvent};
 use rand::Rng;
@@ -56,7 +58,12 @@ pub struct ClientOptions {
 
 impl ClientOptions {
     /// Options with sane defaults (backoff 0.5 s doubling to 30 s, retry forever).
-    pub fn new(server: SocketAddr, server_name: impl Into<String>, identity: Identity, ca: Vec<CertificateDer<'static>>) -> Self {
+    pub fn new(
+        server: SocketAddr,
+        server_name: impl Into<String>,
+        identity: Identity,
+        ca: Vec<CertificateDer<'static>>,
+    ) -> Self {
         Self {
             server,
             server_name: server_name.into(),
@@ -159,7 +166,9 @@ pub async fn run<T: Trainer + 'static>(
     let mut cc = quinn::ClientConfig::new(Arc::new(quic));
     cc.transport_config(Arc::new(flotilla_protocol::quic::transport_config()));
     let bind: SocketAddr = if options.server.is_ipv6() {
-        "[::]:0".parse().map_err(|_| Error::Config("bind address".into()))?
+        "[::]:0"
+            .parse()
+            .map_err(|_| Error::Config("bind address".into()))?
     } else {
         SocketAddr::from(([0, 0, 0, 0], 0))
     };
@@ -190,7 +199,9 @@ pub async fn run<T: Trainer + 'static>(
                 }
                 failures += 1;
                 if options.max_attempts.is_some_and(|m| failures >= m) {
-                    break Err(Error::Config(format!("giving up after {failures} attempts: {why}")));
+                    break Err(Error::Config(format!(
+                        "giving up after {failures} attempts: {why}"
+                    )));
                 }
                 let jittered = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
                 warn!("{why}; reconnecting in {:.1}s", jittered.as_secs_f64());
@@ -292,16 +303,28 @@ async fn drive<T: Trainer + 'static>(
             match ev {
                 ParticipantEvent::Enrolled { client_id } => info!("enrolled as {client_id}"),
                 ParticipantEvent::ProvideParams => pending = Some(Job::Initial),
-                ParticipantEvent::Train { round, config, model, .. } => {
+                ParticipantEvent::Train {
+                    round,
+                    config,
+                    model,
+                    ..
+                } => {
                     debug!("round {round}: training");
                     pending = Some(Job::Train(round, model, config));
                 }
-                ParticipantEvent::Evaluate { round, model, .. } => pending = Some(Job::Evaluate(round, model)),
-                ParticipantEvent::RoundAborted { round, reason } => debug!("round {round} closed: {reason}"),
+                ParticipantEvent::Evaluate { round, model, .. } => {
+                    pending = Some(Job::Evaluate(round, model))
+                }
+                ParticipantEvent::RoundAborted { round, reason } => {
+                    debug!("round {round} closed: {reason}")
+                }
                 ParticipantEvent::Closed { reason } => {
                     break 'session match reason {
                         AbortReason::Finished => Ok(SessionEnd::Finished),
-                        other => Err(SessionError::Retry(format!("server closed the session: {other}"), true)),
+                        other => Err(SessionError::Retry(
+                            format!("server closed the session: {other}"),
+                            true,
+                        )),
                     };
                 }
                 other => debug!("{other:?}"),

@@ -17,7 +17,11 @@ use flotilla_client::{BackendKind, BurnTrainer, Cnn, LocalData, Mlp2nn, ModelKin
 use flotilla_crypto::pki::{Identity, PkiDir, load_certs};
 
 #[derive(Parser, Debug)]
-#[command(name = "flotilla-client", version, about = "Flotilla edge client: trains locally with Burn, talks QUIC + mutual TLS")]
+#[command(
+    name = "flotilla-client",
+    version,
+    about = "Flotilla edge client: trains locally with Burn, talks QUIC + mutual TLS"
+)]
 struct Args {
     /// Server address (host:port, UDP).
     #[arg(long)]
@@ -95,9 +99,15 @@ fn main() -> anyhow::Result<()> {
             (pki.ca_cert(), pki.client_cert(id), pki.client_key(id))
         }
         _ => (
-            args.ca.clone().context("give --pki and --id, or --ca, --cert and --key")?,
-            args.cert.clone().context("--cert is required without --pki")?,
-            args.key.clone().context("--key is required without --pki")?,
+            args.ca
+                .clone()
+                .context("give --pki and --id, or --ca, --cert and --key")?,
+            args.cert
+                .clone()
+                .context("--cert is required without --pki")?,
+            args.key
+                .clone()
+                .context("--key is required without --pki")?,
         ),
     };
     let identity = Identity::load(&cert, &key)?;
@@ -121,7 +131,11 @@ fn main() -> anyhow::Result<()> {
             )
         }
     };
-    tracing::info!("{} training and {} test examples", train_local.len(), test_local.len());
+    tracing::info!(
+        "{} training and {} test examples",
+        train_local.len(),
+        test_local.len()
+    );
 
     let backend: BackendKind = args.backend.parse()?;
     let (device, used) = select_device(backend);
@@ -143,11 +157,19 @@ fn main() -> anyhow::Result<()> {
         let classes = train_local.data.num_classes;
         let stats = match model {
             ModelKind::Cnn => {
-                let t = BurnTrainer::new(Cnn::new(side, classes, &device), train_local, Some(test_local))?;
+                let t = BurnTrainer::new(
+                    Cnn::new(side, classes, &device),
+                    train_local,
+                    Some(test_local),
+                )?;
                 run(options, t, stop_rx).await?.1
             }
             ModelKind::Mlp2nn => {
-                let t = BurnTrainer::new(Mlp2nn::new(side * side, classes, &device), train_local, Some(test_local))?;
+                let t = BurnTrainer::new(
+                    Mlp2nn::new(side * side, classes, &device),
+                    train_local,
+                    Some(test_local),
+                )?;
                 run(options, t, stop_rx).await?.1
             }
         };

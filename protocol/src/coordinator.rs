@@ -231,6 +231,8 @@ pub struct Coordinator {
     round: u64,
     phase: Phase,
     history: Vec<RoundRecord>,
+    /// State as of the end of the last finished round (what a checkpoint holds).
+    last_snapshot: Option<Snapshot>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
 }
@@ -266,6 +268,7 @@ impl Coordinator {
             round: 0,
             phase: Phase::Waiting,
             history: Vec::new(),
+            last_snapshot: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         })
@@ -278,9 +281,10 @@ impl Coordinator {
         snapshot: Snapshot,
     ) -> Result<Self, Error> {
         strategy.restore_state(&snapshot.strategy_state)?;
-        let mut c = Self::new(config, strategy, Some(snapshot.global))?;
+        let mut c = Self::new(config, strategy, Some(snapshot.global.clone()))?;
         c.round = snapshot.round;
-        c.history = snapshot.history;
+        c.history = snapshot.history.clone();
+        c.last_snapshot = Some(snapshot);
         if c.round >= c.config.num_rounds {
             c.phase = Phase::Finished;
             c.events.push_back(Event::Finished);
@@ -288,15 +292,11 @@ impl Coordinator {
         Ok(c)
     }
 
-    /// The current snapshot (only meaningful between rounds; the driver takes it on
-    /// [`Event::RoundCompleted`] / [`Event::RoundAborted`]).
+    /// The state as of the end of the last finished round: what a checkpoint must hold. It
+    /// is captured when the round ends, so it stays right even though the next round has
+    /// already started by the time the driver sees [`Event::RoundCompleted`].
     pub fn snapshot(&self) -> Option<Snapshot> {
-        Some(Snapshot {
-            round: self.round,
-            global: self.global.clone()?,
-            history: self.history.clone(),
-            strategy_state: self.strategy.state(),
-        })
+        self.last_snapshot.clone()
     }
 
     /// The configuration.
@@ -898,6 +898,14 @@ impl Coordinator {
 
     fn end_round(&mut self, now: Instant, record: RoundRecord) {
         self.history.push(record.clone());
+        if let Some(global) = self.global.clone() {
+            self.last_snapshot = Some(Snapshot {
+                round: record.round,
+                global,
+                history: self.history.clone(),
+                strategy_state: self.strategy.state(),
+            });
+        }
         self.phase = Phase::Waiting;
         if record.aborted.is_some() {
             self.events.push_back(Event::RoundAborted(record));

@@ -36,7 +36,10 @@ fn transport<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Erro
 /// bytes written.
 pub async fn send_message(conn: &quinn::Connection, msg: &Message) -> Result<u64, Error> {
     let enc = codec::encode(msg)?;
-    let mut s = conn.open_uni().await.map_err(transport("opening a stream"))?;
+    let mut s = conn
+        .open_uni()
+        .await
+        .map_err(transport("opening a stream"))?;
     s.write_all(&enc.head).await.map_err(transport("writing"))?;
     for chunk in enc.payload_chunks(DEFAULT_CHUNK_BYTES) {
         s.write_all(&chunk).await.map_err(transport("writing"))?;
@@ -45,7 +48,11 @@ pub async fn send_message(conn: &quinn::Connection, msg: &Message) -> Result<u64
     Ok(enc.wire_len())
 }
 
-async fn read_exact(s: &mut quinn::RecvStream, buf: &mut [u8], what: &'static str) -> Result<(), Error> {
+async fn read_exact(
+    s: &mut quinn::RecvStream,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), Error> {
     s.read_exact(buf).await.map_err(|e| match e {
         quinn::ReadExactError::FinishedEarly(got) => Error::Truncated {
             what,
@@ -82,7 +89,11 @@ pub async fn recv_message(
             let mut a = p.start()?;
             while a.remaining() > 0 {
                 let max = (a.remaining() as usize).min(DEFAULT_CHUNK_BYTES);
-                match s.read_chunk(max, true).await.map_err(transport("reading payload"))? {
+                match s
+                    .read_chunk(max, true)
+                    .await
+                    .map_err(transport("reading payload"))?
+                {
                     Some(chunk) => a.push(&chunk.bytes)?,
                     None => break, // finish() reports the shortfall
                 }

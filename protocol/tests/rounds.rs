@@ -474,3 +474,37 @@ fn idle_clients_are_dropped_and_heartbeats_keep_them() {
     // idleness, whichever came first; either way it completed with 2.
     assert_eq!(done[1].results, 2);
 }
+
+#[test]
+fn snapshot_is_the_state_at_the_end_of_the_round() {
+    // The next round starts as soon as one ends; the snapshot must still describe the round
+    // that ended (a checkpoint labelled with a later round would skip a round on resume).
+    let mut h = harness(3, config(3, 3), Some(model(4, 0.0)));
+    assert!(
+        h.run_until(Duration::from_secs(600), |h| h.completed_rounds().len()
+            == 1)
+    );
+    assert_eq!(h.coordinator.round(), 2, "round 2 has started");
+    let snap = h.coordinator.snapshot().unwrap();
+    assert_eq!(snap.round, 1);
+    assert_eq!(snap.history.len(), 1);
+    assert_eq!(Some(&snap.global), h.coordinator.global());
+    // Resuming from it runs rounds 2 and 3 and ends where an uninterrupted run ends.
+    let resumed = Coordinator::resume(config(3, 3), fedavg(1.0, 1), snap).unwrap();
+    let mut h2 = Harness::new(resumed, 7);
+    for i in 0..3 {
+        h2.add_client(
+            id(i),
+            Box::new(FixedDelta {
+                delta: (i + 1) as f32,
+                num_examples: (i as u64 + 1) * 10,
+                initial: model(4, 0.5),
+                compute: Duration::from_millis(100),
+            }),
+        );
+    }
+    assert!(h2.run_to_completion(Duration::from_secs(600)));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    assert_eq!(h2.coordinator.history().len(), 3);
+    assert_eq!(h2.coordinator.global(), h.coordinator.global());
+}

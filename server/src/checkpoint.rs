@@ -123,8 +123,11 @@ pub fn read(path: &Path) -> Result<(Snapshot, String), Error> {
         return Err(bad(format!("header of {hlen} bytes is too large")));
     }
     let hend = 12 + hlen as usize;
-    let header: Header = serde_json::from_slice(body.get(12..hend).ok_or_else(|| bad("truncated header".into()))?)
-        .map_err(|e| bad(format!("header: {e}")))?;
+    let header: Header = serde_json::from_slice(
+        body.get(12..hend)
+            .ok_or_else(|| bad("truncated header".into()))?,
+    )
+    .map_err(|e| bad(format!("header: {e}")))?;
     let payload = body.get(hend..).unwrap_or_default();
     if payload.len() as u64 != header.num_values.saturating_mul(4) {
         return Err(bad(format!(
@@ -225,7 +228,8 @@ pub fn import_safetensors(path: &Path) -> Result<Params, Error> {
         reason,
     };
     let bytes = fs::read(path).map_err(io(path))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("safetensors: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("safetensors: {e}")))?;
     // safetensors orders names alphabetically; keep the file's data order instead, which is
     // the order Flotilla wrote them in.
     let mut entries: Vec<_> = st.tensors();
@@ -234,7 +238,10 @@ pub fn import_safetensors(path: &Path) -> Result<Params, Error> {
     let mut values = Vec::new();
     for (name, view) in entries {
         if view.dtype() != safetensors::Dtype::F32 {
-            return Err(bad(format!("tensor {name:?} is {:?}, only F32 is supported", view.dtype())));
+            return Err(bad(format!(
+                "tensor {name:?} is {:?}, only F32 is supported",
+                view.dtype()
+            )));
         }
         specs.push(flotilla_protocol::TensorSpec::new(name, view.shape()));
         values.extend(
@@ -255,8 +262,13 @@ mod tests {
         Snapshot {
             round,
             global: Params::new(
-                Manifest::new(vec![TensorSpec::new("w", &[2, 3]), TensorSpec::new("b", &[3])]),
-                (0..9).map(|i| i as f32 * 0.5 - round as f32).collect::<Vec<_>>(),
+                Manifest::new(vec![
+                    TensorSpec::new("w", &[2, 3]),
+                    TensorSpec::new("b", &[3]),
+                ]),
+                (0..9)
+                    .map(|i| i as f32 * 0.5 - round as f32)
+                    .collect::<Vec<_>>(),
             )
             .unwrap(),
             history: Vec::new(),

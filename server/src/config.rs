@@ -185,10 +185,17 @@ impl TrainSettings {
                 beta2: 0.999,
                 epsilon: 1e-8,
             },
-            other => return Err(Error::Config(format!("unknown optimizer {other:?} (sgd or adam)"))),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown optimizer {other:?} (sgd or adam)"
+                )));
+            }
         };
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
-            return Err(Error::Config(format!("learning_rate {} must be positive", self.learning_rate)));
+            return Err(Error::Config(format!(
+                "learning_rate {} must be positive",
+                self.learning_rate
+            )));
         }
         if self.epochs == 0 {
             return Err(Error::Config("epochs must be at least 1".into()));
@@ -262,7 +269,9 @@ impl ServerConfig {
             if s.is_finite() && s > 0.0 {
                 Ok(Duration::from_secs_f64(s))
             } else {
-                Err(Error::Config(format!("{what} must be a positive number of seconds")))
+                Err(Error::Config(format!(
+                    "{what} must be a positive number of seconds"
+                )))
             }
         };
         let c = CoordinatorConfig {
@@ -296,10 +305,16 @@ impl ServerConfig {
         match s.name.to_ascii_lowercase().as_str() {
             "fedavg" => Ok(Box::new(FedAvg {
                 train_sampling: sampling(s.fraction_train, s.min_train_clients, "fraction_train")?,
-                evaluate_sampling: sampling(s.fraction_evaluate, s.min_evaluate_clients, "fraction_evaluate")?,
+                evaluate_sampling: sampling(
+                    s.fraction_evaluate,
+                    s.min_evaluate_clients,
+                    "fraction_evaluate",
+                )?,
                 train_config: self.train.to_train_config()?,
             })),
-            other => Err(Error::Config(format!("unknown strategy {other:?} (available: fedavg)"))),
+            other => Err(Error::Config(format!(
+                "unknown strategy {other:?} (available: fedavg)"
+            ))),
         }
     }
 }
@@ -314,9 +329,13 @@ mod tests {
         assert_eq!(c, ServerConfig::default());
         c.coordinator().unwrap();
         c.strategy().unwrap();
-        let c: ServerConfig = toml::from_str("[rounds]\nnum_rounds = 3\n[train]\nbatch_size = 0").unwrap();
+        let c: ServerConfig =
+            toml::from_str("[rounds]\nnum_rounds = 3\n[train]\nbatch_size = 0").unwrap();
         assert_eq!(c.rounds.num_rounds, 3);
-        assert_eq!(c.train.to_train_config().unwrap().batch_size, BatchSize::Full);
+        assert_eq!(
+            c.train.to_train_config().unwrap().batch_size,
+            BatchSize::Full
+        );
         assert!(toml::from_str::<ServerConfig>("[rounds]\nnum_round = 3").is_err());
         let bad: ServerConfig = toml::from_str("[strategy]\nname = \"krum\"").unwrap();
         assert!(bad.strategy().is_err());

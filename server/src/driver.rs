@@ -27,9 +27,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::Error;
 use crate::checkpoint;
 use crate::config::ServerConfig;
-use crate::Error;
 
 /// What the server did.
 #[derive(Clone, Debug, Default)]
@@ -50,6 +50,7 @@ pub struct RunningServer {
     /// The address it listens on.
     pub local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    endpoint: quinn::Endpoint,
     task: JoinHandle<Result<RunSummary, Error>>,
 }
 
@@ -72,9 +73,13 @@ impl RunningServer {
         let _ = self.shutdown.send(true);
     }
 
-    /// Kills the server task at once, as a crash would (tests use it to check resuming).
-    pub fn kill(self) {
+    /// Kills the server at once, as a crash would: the task stops mid-flight and every
+    /// connection is dropped (tests use it to check resuming from checkpoints).
+    pub async fn kill(self) {
         self.task.abort();
+        let _ = self.task.await;
+        self.endpoint.close(0u32.into(), b"killed");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
 }
 
@@ -146,7 +151,11 @@ pub fn coordinator(config: &ServerConfig) -> Result<Coordinator, Error> {
                 strategy.name()
             );
         }
-        info!("resuming after round {} from {}", snapshot.round, path.display());
+        info!(
+            "resuming after round {} from {}",
+            snapshot.round,
+            path.display()
+        );
         let snapshot = if name == strategy.name() {
             snapshot
         } else {
@@ -157,13 +166,20 @@ pub fn coordinator(config: &ServerConfig) -> Result<Coordinator, Error> {
         };
         return Ok(Coordinator::resume(cc, strategy, snapshot)?);
     }
-    let initial = config.initial_model.as_deref().map(load_initial).transpose()?;
+    let initial = config
+        .initial_model
+        .as_deref()
+        .map(load_initial)
+        .transpose()?;
     Ok(Coordinator::new(cc, strategy, initial)?)
 }
 
 /// Starts the server: binds, resumes from checkpoints, and runs the federation in a task.
 /// Coordinator events are also sent to `observer`, if given.
-pub fn start(config: ServerConfig, observer: Option<mpsc::UnboundedSender<Event>>) -> Result<RunningServer, Error> {
+pub fn start(
+    config: ServerConfig,
+    observer: Option<mpsc::UnboundedSender<Event>>,
+) -> Result<RunningServer, Error> {
     let coordinator = coordinator(&config)?;
     let endpoint = endpoint(&config)?;
     let local_addr = endpoint.local_addr().map_err(|source| Error::Io {
@@ -176,10 +192,17 @@ pub fn start(config: ServerConfig, observer: Option<mpsc::UnboundedSender<Event>
         config.strategy.name
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let task = tokio::spawn(run(config, coordinator, endpoint, shutdown_rx, observer));
+    let task = tokio::spawn(run(
+        config,
+        coordinator,
+        endpoint.clone(),
+        shutdown_rx,
+        observer,
+    ));
     Ok(RunningServer {
         local_addr,
         shutdown,
+        endpoint,
         task,
     })
 }
@@ -190,7 +213,9 @@ fn peer_client_id(conn: &quinn::Connection) -> Result<ClientId, String> {
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| "unexpected peer identity type")?;
     let leaf = certs.first().ok_or("empty certificate chain")?;
-    client_id_from_cert(leaf).map(ClientId::new).map_err(|e| e.to_string())
+    client_id_from_cert(leaf)
+        .map(ClientId::new)
+        .map_err(|e| e.to_string())
 }
 
 async fn serve_connection(
@@ -242,11 +267,12 @@ async fn serve_connection(
             Ok((msg, bytes)) => {
                 debug!(client = %id, "received {} ({bytes} bytes)", msg.kind());
                 Input::Message {
-                id: id.clone(),
-                conn_id,
-                msg,
-                bytes,
-            }},
+                    id: id.clone(),
+                    conn_id,
+                    msg,
+                    bytes,
+                }
+            }
             Err(_) if conn.close_reason().is_some() => Input::Closed {
                 id: id.clone(),
                 conn_id,
@@ -265,7 +291,11 @@ async fn serve_connection(
 
 /// Sends queued messages to one client in order; when the queue closes, waits (briefly) for
 /// the last message to be acknowledged, then closes the connection.
-async fn writer(conn: quinn::Connection, mut rx: mpsc::UnboundedReceiver<Message>, sent: Arc<std::sync::atomic::AtomicU64>) {
+async fn writer(
+    conn: quinn::Connection,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+) {
     while let Some(msg) = rx.recv().await {
         match send_message(&conn, &msg).await {
             Ok(n) => {
@@ -319,15 +349,19 @@ async fn run(
                     // Dropping the sender lets the writer flush the Abort, then close.
                     clients.remove(client);
                 }
-                Event::RoundStarted { round, selected } => info!("round {round}: {selected} clients training"),
+                Event::RoundStarted { round, selected } => {
+                    info!("round {round}: {selected} clients training")
+                }
                 Event::RoundCompleted(r) | Event::RoundAborted(r) => {
                     log_round(r);
                     if let Some(snapshot) = coord.snapshot() {
                         let dir = config.checkpoint_dir.clone();
                         let name = strategy_name.clone();
-                        let path = tokio::task::spawn_blocking(move || checkpoint::write(&dir, &snapshot, &name))
-                            .await
-                            .map_err(|e| Error::Config(format!("checkpoint task: {e}")))??;
+                        let path = tokio::task::spawn_blocking(move || {
+                            checkpoint::write(&dir, &snapshot, &name)
+                        })
+                        .await
+                        .map_err(|e| Error::Config(format!("checkpoint task: {e}")))??;
                         debug!("checkpoint {}", path.display());
                     }
                 }
@@ -428,7 +462,11 @@ fn log_round(r: &RoundRecord) {
         .evaluation
         .as_ref()
         .map(|e| {
-            let acc = e.metrics.get("accuracy").map(|a| format!(", accuracy {a:.4}")).unwrap_or_default();
+            let acc = e
+                .metrics
+                .get("accuracy")
+                .map(|a| format!(", accuracy {a:.4}"))
+                .unwrap_or_default();
             format!("; eval loss {:.4}{acc}", e.loss)
         })
         .unwrap_or_default();

@@ -9,7 +9,11 @@ use flotilla_crypto::pki::PkiDir;
 use flotilla_server::{ServerConfig, checkpoint};
 
 #[derive(Parser, Debug)]
-#[command(name = "flotilla-server", version, about = "Flotilla aggregation server (QUIC + mutual TLS)")]
+#[command(
+    name = "flotilla-server",
+    version,
+    about = "Flotilla aggregation server (QUIC + mutual TLS)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -102,7 +106,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Certs { dir, action } => certs(PkiDir::new(dir), action),
-        Command::Export { checkpoint_dir, out } => {
+        Command::Export {
+            checkpoint_dir,
+            out,
+        } => {
             let (path, snapshot, _) = checkpoint::latest_valid(&checkpoint_dir)?
                 .with_context(|| format!("no valid checkpoint in {}", checkpoint_dir.display()))?;
             checkpoint::export_safetensors(&snapshot.global, &out)?;
@@ -122,15 +129,27 @@ fn certs(pki: PkiDir, action: CertsAction) -> anyhow::Result<()> {
     match action {
         CertsAction::Init { name } => {
             pki.init(&name)?;
-            println!("created CA {} and empty CRL {}", pki.ca_cert().display(), pki.crl().display());
+            println!(
+                "created CA {} and empty CRL {}",
+                pki.ca_cert().display(),
+                pki.crl().display()
+            );
         }
         CertsAction::IssueServer { names } => {
             pki.issue_server(&names)?;
-            println!("issued {} for {}", pki.server_cert().display(), names.join(", "));
+            println!(
+                "issued {} for {}",
+                pki.server_cert().display(),
+                names.join(", ")
+            );
         }
         CertsAction::IssueClient { id } => {
             pki.issue_client(&id)?;
-            println!("issued {} and {}", pki.client_cert(&id).display(), pki.client_key(&id).display());
+            println!(
+                "issued {} and {}",
+                pki.client_cert(&id).display(),
+                pki.client_key(&id).display()
+            );
         }
         CertsAction::Revoke { id } => {
             pki.revoke(&id)?;
@@ -182,7 +201,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 server.join().await
             }
         }?;
-        let done = summary.history.iter().filter(|r| r.aborted.is_none()).count();
+        let done = summary
+            .history
+            .iter()
+            .filter(|r| r.aborted.is_none())
+            .count();
         tracing::info!("{done} rounds completed");
         anyhow::Ok(())
     })

@@ -95,7 +95,11 @@ impl<T: Trainer> Trainer for Gated<T> {
     fn initial_params(&mut self) -> Result<Params, flotilla_client::Error> {
         self.gate.with(|| self.inner.initial_params())
     }
-    fn train(&mut self, global: &Params, config: &TrainConfig) -> Result<LocalUpdate, flotilla_client::Error> {
+    fn train(
+        &mut self,
+        global: &Params,
+        config: &TrainConfig,
+    ) -> Result<LocalUpdate, flotilla_client::Error> {
         self.gate.with(|| self.inner.train(global, config))
     }
     fn evaluate(&mut self, global: &Params) -> Result<Evaluation, flotilla_client::Error> {

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use flotilla_sim::quickstart;
 
 #[derive(Parser, Debug)]
-#[command(name = "flotilla-sim", version, about = "Flotilla simulations: a server and many clients in one process")]
+#[command(
+    name = "flotilla-sim",
+    version,
+    about = "Flotilla simulations: a server and many clients in one process"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,12 +53,25 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
-        Command::Quickstart { out, clients, rounds, epochs, lr, backend, no_progress } => {
+        Command::Quickstart {
+            out,
+            clients,
+            rounds,
+            epochs,
+            lr,
+            backend,
+            no_progress,
+        } => {
             let out = out.unwrap_or_else(|| {
                 let now = time::OffsetDateTime::now_utc();
                 PathBuf::from(format!(
                     "out/quickstart-{:04}{:02}{:02}-{:02}{:02}{:02}",
-                    now.year(), now.month() as u8, now.day(), now.hour(), now.minute(), now.second()
+                    now.year(),
+                    now.month() as u8,
+                    now.day(),
+                    now.hour(),
+                    now.minute(),
+                    now.second()
                 ))
             });
             let mut opts = quickstart::Options::new(out.clone());
@@ -73,7 +90,9 @@ fn main() -> anyhow::Result<()> {
                 "done: {} rounds in {:.1}s, final test accuracy {}, {:.1} MB sent / {:.1} MB received by clients",
                 s.rounds_completed,
                 s.wall_time_secs,
-                s.final_accuracy.map(|a| format!("{a:.4}")).unwrap_or_else(|| "n/a".into()),
+                s.final_accuracy
+                    .map(|a| format!("{a:.4}"))
+                    .unwrap_or_else(|| "n/a".into()),
                 s.bytes_sent as f64 / 1e6,
                 s.bytes_received as f64 / 1e6
             );

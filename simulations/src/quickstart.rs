@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use flotilla_client::data::{Split, bundled};
 use flotilla_client::partition::Partition;
-use flotilla_client::{BurnTrainer, Cnn, LocalData, select_device, BackendKind};
+use flotilla_client::{BackendKind, BurnTrainer, Cnn, LocalData, select_device};
 use flotilla_protocol::coordinator::{Event, RoundRecord};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -106,7 +106,10 @@ pub struct Summary {
 fn round_summary(r: &RoundRecord, start: Instant) -> RoundSummary {
     RoundSummary {
         round: r.round,
-        accuracy: r.evaluation.as_ref().and_then(|e| e.metrics.get("accuracy").copied()),
+        accuracy: r
+            .evaluation
+            .as_ref()
+            .and_then(|e| e.metrics.get("accuracy").copied()),
         loss: r.evaluation.as_ref().map(|e| e.loss),
         train_loss: r.train_metrics.get("train_loss").copied(),
         results: r.results,
@@ -117,7 +120,8 @@ fn round_summary(r: &RoundRecord, start: Instant) -> RoundSummary {
 
 /// Runs the quick start and returns its summary (also written to `out/summary.json`).
 pub async fn run(opts: Options) -> anyhow::Result<Summary> {
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
     let pki_dir = tempfile::tempdir()?;
     let (pki, ids) = make_pki(pki_dir.path(), opts.clients)?;
 
@@ -155,7 +159,10 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     let mut clients = Vec::new();
     let mut params = 0;
     for (i, id) in ids.iter().enumerate() {
-        let tr = LocalData::subset(train.clone(), train_parts.get(i).cloned().unwrap_or_default())?;
+        let tr = LocalData::subset(
+            train.clone(),
+            train_parts.get(i).cloned().unwrap_or_default(),
+        )?;
         let te = LocalData::subset(test.clone(), test_parts.get(i).cloned().unwrap_or_default())?;
         let trainer = BurnTrainer::new(Cnn::new(28, 10, &device), tr, Some(te))?;
         params = trainer.manifest().numel() as usize;
@@ -172,9 +179,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     let bar = if opts.progress {
         let b = indicatif::ProgressBar::new(opts.rounds);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} round {pos}/{len} [{bar:30}] {elapsed_precise} (eta {eta}) {msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} round {pos}/{len} [{bar:30}] {elapsed_precise} (eta {eta}) {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         b.enable_steady_tick(Duration::from_millis(200));
         b.set_message("waiting for clients");
@@ -232,18 +241,22 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
             _ => tracing::warn!("a client did not stop in time"),
         }
     }
-    let final_accuracy = summary
-        .history
-        .iter()
-        .rev()
-        .find_map(|r| r.evaluation.as_ref().and_then(|e| e.metrics.get("accuracy").copied()));
+    let final_accuracy = summary.history.iter().rev().find_map(|r| {
+        r.evaluation
+            .as_ref()
+            .and_then(|e| e.metrics.get("accuracy").copied())
+    });
     let out = Summary {
         description: format!(
             "FedAvg, McMahan CNN, bundled MNIST subset (10,000 train / 2,000 test) split IID over {} clients, E={}, B={}, lr={}, real QUIC + mTLS over loopback",
             opts.clients, opts.epochs, opts.batch_size, opts.learning_rate
         ),
         clients: opts.clients,
-        rounds_completed: summary.history.iter().filter(|r| r.aborted.is_none()).count(),
+        rounds_completed: summary
+            .history
+            .iter()
+            .filter(|r| r.aborted.is_none())
+            .count(),
         rounds,
         final_accuracy,
         wall_time_secs: wall,

@@ -8,6 +8,8 @@
 //! Each figure is the median of 5 timed runs over the same examples (after a warm-up run).
 //! Uses the bundled MNIST subset, so it needs no external data.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
 use std::sync::Arc;
 use std::time::Instant;
 

@@ -34,8 +34,11 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         epochs: u32,
         /// Learning rate.
-        #[arg(long, default_value_t = 0.05)]
+        #[arg(long, default_value_t = 0.02)]
         lr: f64,
+        /// SGD momentum.
+        #[arg(long, default_value_t = 0.9)]
+        momentum: f64,
         /// Backend: cpu, ndarray or cuda.
         #[arg(long, default_value = "cpu")]
         backend: String,
@@ -59,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             rounds,
             epochs,
             lr,
+            momentum,
             backend,
             no_progress,
         } => {
@@ -79,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             opts.rounds = rounds;
             opts.epochs = epochs;
             opts.learning_rate = lr;
+            opts.momentum = momentum;
             opts.backend = backend.parse()?;
             opts.progress = !no_progress;
             println!(

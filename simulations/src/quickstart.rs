@@ -32,6 +32,8 @@ pub struct Options {
     pub batch_size: u32,
     /// Learning rate.
     pub learning_rate: f64,
+    /// SGD momentum.
+    pub momentum: f64,
     /// Where to write `summary.json` and checkpoints.
     pub out: PathBuf,
     /// Show a progress bar.
@@ -50,7 +52,8 @@ impl Options {
             rounds: 5,
             epochs: 1,
             batch_size: 10,
-            learning_rate: 0.05,
+            learning_rate: 0.02,
+            momentum: 0.9,
             out,
             progress: true,
             seed: 0,
@@ -141,6 +144,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     config.train.epochs = opts.epochs;
     config.train.batch_size = opts.batch_size;
     config.train.learning_rate = opts.learning_rate;
+    config.train.momentum = opts.momentum;
     config.train.seed = opts.seed;
     // A fresh run: do not resume from an earlier run's checkpoints in the same directory.
     if config.checkpoint_dir.exists() {
@@ -153,6 +157,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     let addr = server.local_addr;
 
     let (device, used) = select_device(opts.backend);
+    // Seeded weight initialization, so that a run is repeatable.
+    device.seed(opts.seed);
     // One training job at a time: Burn's flex backend already uses every core for one job.
     let gate = Gate::new(1);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -192,9 +198,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
         None
     };
     let mut rounds = Vec::new();
+    // Round lines go above the bar on a terminal, and to plain stdout otherwise (indicatif
+    // hides the bar, and what it would print, when stdout is not a terminal).
     let report = |line: String, bar: &Option<indicatif::ProgressBar>| match bar {
-        Some(b) => b.println(line),
-        None => println!("{line}"),
+        Some(b) if !b.is_hidden() => b.println(line),
+        _ => println!("{line}"),
     };
     let mut server = server;
     let summary = loop {
@@ -248,8 +256,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     });
     let out = Summary {
         description: format!(
-            "FedAvg, McMahan CNN, bundled MNIST subset (10,000 train / 2,000 test) split IID over {} clients, E={}, B={}, lr={}, real QUIC + mTLS over loopback",
-            opts.clients, opts.epochs, opts.batch_size, opts.learning_rate
+            "FedAvg, McMahan CNN, bundled MNIST subset (10,000 train / 2,000 test) split IID over {} clients, E={}, B={}, lr={}, momentum={}, real QUIC + mTLS over loopback",
+            opts.clients, opts.epochs, opts.batch_size, opts.learning_rate, opts.momentum
         ),
         clients: opts.clients,
         rounds_completed: summary

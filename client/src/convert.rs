@@ -139,7 +139,8 @@ pub fn load_params<M: Module>(module: M, expected: &Manifest, params: &Params) -
     Ok(module)
 }
 
-fn describe_mismatch(want: &Manifest, got: &Manifest) -> String {
+/// Says how two manifests differ (first differing tensor, or the counts).
+pub fn describe_mismatch(want: &Manifest, got: &Manifest) -> String {
     if want.tensors.len() != got.tensors.len() {
         return format!(
             "parameters have {} tensors, the model has {}",

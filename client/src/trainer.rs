@@ -21,7 +21,11 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use crate::Error;
-use crate::convert::{load_params, manifest_of, to_params};
+use crate::convert::{describe_mismatch, load_params, manifest_of, to_params};
+
+fn load_params_error(expected: &Manifest, params: &Params) -> Error {
+    Error::Model(describe_mismatch(expected, params.manifest()))
+}
 use crate::data::Dataset;
 use crate::models::Classifier;
 
@@ -197,9 +201,18 @@ impl<M: Classifier> BurnTrainer<M> {
             .ok_or_else(|| Error::Model("the model was lost in an earlier failure".into()))
     }
 
+    /// Loads `params` into the model, checking the manifest *before* taking the model, so
+    /// that a mismatched vector is an error and leaves the trainer usable.
+    fn load(&mut self, params: &Params) -> Result<M, Error> {
+        if **params.manifest() != *self.manifest {
+            return Err(load_params_error(&self.manifest, params));
+        }
+        load_params(self.take_model()?, &self.manifest, params)
+    }
+
     /// Evaluates `global` on `data` (used for the local test split and for central checks).
     pub fn evaluate_on(&mut self, global: &Params, data: &LocalData) -> Result<Evaluation, Error> {
-        let model = load_params(self.take_model()?, &self.manifest, global)?;
+        let model = self.load(global)?;
         let valid = model.valid();
         self.model = Some(model);
         let device = self.device.clone().without_autodiff();
@@ -242,7 +255,7 @@ impl<M: Classifier> Trainer for BurnTrainer<M> {
                 config.learning_rate
             )));
         }
-        let mut model = load_params(self.take_model()?, &self.manifest, global)?;
+        let mut model = self.load(global)?;
         let mu = config.proximal_mu;
         let anchor: Vec<Tensor<1>> = if mu > 0.0 {
             global

@@ -5,6 +5,9 @@
 //! * [`pki`]: the federation CA, server and client certificates (a client *is* its
 //!   certificate), PEM files with private keys written 0600, and the revocation list the
 //!   server's TLS verifier consumes.
+//! * [`tls`]: the rustls configurations for mutual TLS 1.3 with the ring provider.
+//! * [`secagg`]: building blocks of secure aggregation: Shamir sharing, the ChaCha20 mask
+//!   generator, clipping and stochastic quantization.
 //!
 //! Everything here uses `ring` (through `rcgen` and `rustls-pki-types` for certificates) for
 //! randomness, signatures and hashing.
@@ -21,6 +24,7 @@
 )]
 
 pub mod pki;
+pub mod secagg;
 pub mod tls;
 
 use std::path::PathBuf;
@@ -80,6 +84,9 @@ pub enum Error {
         "invalid client id {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (not starting with '.')"
     )]
     InvalidClientId(String),
+    /// A secure-aggregation primitive was misused or given inconsistent input.
+    #[error("secure aggregation: {0}")]
+    SecAgg(String),
     /// The system random number generator failed.
     #[error("the system random number generator failed")]
     Random,

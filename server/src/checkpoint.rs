@@ -211,7 +211,15 @@ pub fn export_safetensors(params: &Params, path: &Path) -> Result<(), Error> {
         path: path.to_path_buf(),
         reason: format!("safetensors: {e}"),
     })?;
-    let bytes = safetensors::serialize(tensors, None).map_err(|e| Error::Checkpoint {
+    // safetensors lays tensors out in its own order; keep ours in the metadata.
+    let order: Vec<&str> = params
+        .manifest()
+        .tensors
+        .iter()
+        .map(|t| t.name.as_str())
+        .collect();
+    let meta = std::collections::HashMap::from([(ORDER_KEY.to_string(), order.join("\n"))]);
+    let bytes = safetensors::serialize(tensors, Some(meta)).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         reason: format!("safetensors: {e}"),
     })?;
@@ -221,7 +229,11 @@ pub fn export_safetensors(params: &Params, path: &Path) -> Result<(), Error> {
     })
 }
 
-/// Reads a safetensors file of F32 tensors as parameters, in the file's tensor order.
+/// Metadata key holding the manifest's tensor order in exported safetensors files.
+const ORDER_KEY: &str = "flotilla.manifest_order";
+
+/// Reads a safetensors file of F32 tensors as parameters: in the manifest order recorded by
+/// [`export_safetensors`], or, for files from elsewhere, in the order of their data.
 pub fn import_safetensors(path: &Path) -> Result<Params, Error> {
     let bad = |reason: String| Error::Checkpoint {
         path: path.to_path_buf(),
@@ -230,10 +242,33 @@ pub fn import_safetensors(path: &Path) -> Result<Params, Error> {
     let bytes = fs::read(path).map_err(io(path))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| bad(format!("safetensors: {e}")))?;
-    // safetensors orders names alphabetically; keep the file's data order instead, which is
-    // the order Flotilla wrote them in.
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("safetensors: {e}")))?;
+    let order: Option<Vec<String>> = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(ORDER_KEY))
+        .map(|o| o.split('\n').map(str::to_string).collect());
     let mut entries: Vec<_> = st.tensors();
-    entries.sort_by_key(|(_, v)| v.data().as_ptr() as usize);
+    match order {
+        Some(order) => {
+            if order.len() != entries.len() {
+                return Err(bad(
+                    "the recorded tensor order does not match the tensors".into()
+                ));
+            }
+            let mut sorted = Vec::with_capacity(entries.len());
+            for name in &order {
+                let i = entries
+                    .iter()
+                    .position(|(n, _)| n == name)
+                    .ok_or_else(|| bad(format!("tensor {name:?} is listed but missing")))?;
+                sorted.push(entries.swap_remove(i));
+            }
+            entries = sorted;
+        }
+        None => entries.sort_by_key(|(_, v)| v.data().as_ptr() as usize),
+    }
     let mut specs = Vec::new();
     let mut values = Vec::new();
     for (name, view) in entries {

@@ -199,7 +199,7 @@ pub async fn run<T: Trainer + 'static>(
                 }
                 failures += 1;
                 if options.max_attempts.is_some_and(|m| failures >= m) {
-                    break Err(Error::Config(format!(
+                    break Err(Error::Unreachable(format!(
                         "giving up after {failures} attempts: {why}"
                     )));
                 }
@@ -233,7 +233,7 @@ async fn session<T: Trainer + 'static>(
     let conn = match connecting.await {
         Ok(c) => c,
         Err(e) if is_tls_rejection(&e) => {
-            return Err(SessionError::Fatal(Error::Config(format!(
+            return Err(SessionError::Fatal(Error::Refused(format!(
                 "TLS handshake with {} failed: {e}",
                 options.server
             ))));
@@ -355,9 +355,7 @@ async fn drive<T: Trainer + 'static>(
                 Some(Err(e)) => {
                     if let Some(reason) = conn.close_reason() {
                         if is_tls_rejection(&reason) {
-                            break Err(SessionError::Fatal(Error::Config(format!(
-                                "the server refused our certificate: {reason}"
-                            ))));
+                            break Err(SessionError::Fatal(Error::Refused(reason.to_string())));
                         }
                         break Err(SessionError::Retry(format!("connection lost: {reason}"), p.is_enrolled()));
                     }

@@ -73,6 +73,12 @@ pub enum Error {
     /// A bad setting.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The server refused us (certificate rejected by TLS).
+    #[error("the server refused our certificate: {0}")]
+    Refused(String),
+    /// The server could not be reached (after the configured attempts).
+    #[error("cannot reach the server: {0}")]
+    Unreachable(String),
     /// Certificates and keys.
     #[error(transparent)]
     Crypto(#[from] flotilla_crypto::Error),

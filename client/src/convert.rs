@@ -115,9 +115,7 @@ impl ModuleMapper for LoadMapper<'_> {
 /// Loads `params` into `module`. Errors (leaving nothing half-loaded) if the manifest is not
 /// the module's own (`expected`, from [`manifest_of`]).
 pub fn load_params<M: Module>(module: M, expected: &Manifest, params: &Params) -> Result<M, Error> {
-    if **params.manifest() != *expected {
-        return Err(Error::Model(describe_mismatch(expected, params.manifest())));
-    }
+    check_manifest(expected, params)?;
     let device = module
         .devices()
         .first()
@@ -139,8 +137,18 @@ pub fn load_params<M: Module>(module: M, expected: &Manifest, params: &Params) -
     Ok(module)
 }
 
-/// Says how two manifests differ (first differing tensor, or the counts).
-pub fn describe_mismatch(want: &Manifest, got: &Manifest) -> String {
+/// Errors (saying how they differ) unless `params` has exactly the `expected` manifest.
+/// Callers that must not give up their module on a mismatch check this before
+/// [`load_params`].
+pub fn check_manifest(expected: &Manifest, params: &Params) -> Result<(), Error> {
+    if **params.manifest() == *expected {
+        Ok(())
+    } else {
+        Err(Error::Model(describe_mismatch(expected, params.manifest())))
+    }
+}
+
+fn describe_mismatch(want: &Manifest, got: &Manifest) -> String {
     if want.tensors.len() != got.tensors.len() {
         return format!(
             "parameters have {} tensors, the model has {}",

@@ -21,11 +21,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
 use crate::Error;
-use crate::convert::{describe_mismatch, load_params, manifest_of, to_params};
-
-fn load_params_error(expected: &Manifest, params: &Params) -> Error {
-    Error::Model(describe_mismatch(expected, params.manifest()))
-}
+use crate::convert::{check_manifest, load_params, manifest_of, to_params};
 use crate::data::Dataset;
 use crate::models::Classifier;
 
@@ -204,9 +200,7 @@ impl<M: Classifier> BurnTrainer<M> {
     /// Loads `params` into the model, checking the manifest *before* taking the model, so
     /// that a mismatched vector is an error and leaves the trainer usable.
     fn load(&mut self, params: &Params) -> Result<M, Error> {
-        if **params.manifest() != *self.manifest {
-            return Err(load_params_error(&self.manifest, params));
-        }
+        check_manifest(&self.manifest, params)?;
         load_params(self.take_model()?, &self.manifest, params)
     }
 

@@ -16,12 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_crypto::pki::Identity;
+use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
 use flotilla_crypto::tls;
 use flotilla_protocol::codec::Limits;
 use flotilla_protocol::messages::{
     AbortReason, Capabilities, EvaluateRes, Metrics, TrainConfig, TrainRes,
 };
 use flotilla_protocol::quic::{recv_message, send_message};
+use flotilla_protocol::secagg::{Randomness, SecAggIdentity};
 use flotilla_protocol::{Message, Params, Participant, ParticipantEvent};
 use rand::Rng;
 use rustls_pki_types::CertificateDer;
@@ -54,6 +56,9 @@ pub struct ClientOptions {
     pub max_model_bytes: u64,
     /// Declared in the hello.
     pub capabilities: Capabilities,
+    /// Take part in secure aggregation when the server asks for it (default: yes). The
+    /// advertisements are signed with `identity`'s key; neighbours are checked against `ca`.
+    pub secure_aggregation: bool,
 }
 
 impl ClientOptions {
@@ -80,6 +85,7 @@ impl ClientOptions {
                 secure_aggregation: false,
                 software: format!("flotilla-client {}", env!("CARGO_PKG_VERSION")),
             },
+            secure_aggregation: true,
         }
     }
 }
@@ -292,6 +298,14 @@ async fn drive<T: Trainer + 'static>(
     let mut busy = false;
 
     let mut p = Participant::new(options.capabilities.clone());
+    if options.secure_aggregation {
+        match secagg_identity(options) {
+            Ok(id) => p = p.with_secure_aggregation(id, Randomness::System),
+            Err(e) => {
+                warn!("secure aggregation unavailable, taking part in plain rounds only: {e}")
+            }
+        }
+    }
     p.connect(Instant::now());
     let enroll_by = tokio::time::Instant::now() + options.enroll_timeout;
     let end = 'session: loop {
@@ -315,6 +329,10 @@ async fn drive<T: Trainer + 'static>(
                 ParticipantEvent::Evaluate { round, model, .. } => {
                     pending = Some(Job::Evaluate(round, model))
                 }
+                ParticipantEvent::RoundAborted {
+                    round,
+                    reason: reason @ AbortReason::SecureAggregation(_),
+                } => warn!("round {round}: {reason}"),
                 ParticipantEvent::RoundAborted { round, reason } => {
                     debug!("round {round} closed: {reason}")
                 }
@@ -440,6 +458,15 @@ async fn finish(
     conn.close(0u32.into(), b"bye");
     reader.abort();
     end
+}
+
+/// Our SecAgg credentials: the TLS key signs, the CA checks neighbours.
+fn secagg_identity(options: &ClientOptions) -> Result<SecAggIdentity, flotilla_crypto::Error> {
+    Ok(SecAggIdentity {
+        signer: Signer::from_identity(&options.identity)?,
+        certificate: options.identity.leaf()?.to_vec(),
+        verifier: PeerVerifier::new(&options.ca, Vec::new())?,
+    })
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

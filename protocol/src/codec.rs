@@ -28,15 +28,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::messages::{
-    AbortReason, EvaluateIns, EvaluateRes, Hello, Message, Metrics, TrainConfig, TrainIns,
-    TrainRes, Welcome,
+    AbortReason, Advertisement, ClientId, EncryptedShare, EvaluateIns, EvaluateRes, Hello,
+    MaskedInput, Message, Metrics, TrainConfig, TrainIns, TrainRes, UnmaskRequest, Welcome,
 };
 use crate::params::{Manifest, Params};
+use crate::secagg::SecAggSetup;
+use flotilla_crypto::secagg::shamir::Share;
 
 /// Frame magic.
 pub const MAGIC: [u8; 2] = *b"FL";
 /// Frame format version written by this build.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 8;
 /// Default cap on a control body.
@@ -90,6 +92,8 @@ pub enum Control {
         deadline_ms: u64,
         /// Model manifest.
         manifest: Manifest,
+        /// Secure-aggregation parameters, if the round is secure.
+        secagg: Option<SecAggSetup>,
     },
     /// See [`Message::TrainResult`]; values follow.
     TrainResult {
@@ -125,6 +129,63 @@ pub enum Control {
         /// Counter.
         seq: u64,
     },
+    /// See [`Message::AdvertiseKeys`].
+    AdvertiseKeys(Advertisement),
+    /// See [`Message::NeighbourKeys`].
+    NeighbourKeys {
+        /// Round.
+        round: u64,
+        /// Advertisements.
+        adverts: Vec<Advertisement>,
+    },
+    /// See [`Message::ShareKeys`].
+    ShareKeys {
+        /// Round.
+        round: u64,
+        /// Sealed shares.
+        shares: Vec<EncryptedShare>,
+    },
+    /// See [`Message::ForwardShares`].
+    ForwardShares {
+        /// Round.
+        round: u64,
+        /// Sealed shares.
+        shares: Vec<EncryptedShare>,
+    },
+    /// See [`Message::MaskedInput`]; `len` little-endian `u32` words follow.
+    MaskedInput {
+        /// Round.
+        round: u64,
+        /// Metrics.
+        metrics: Metrics,
+        /// Number of words in the payload.
+        len: u64,
+    },
+    /// See [`Message::Survivors`].
+    Survivors {
+        /// Round.
+        round: u64,
+        /// Survivors.
+        survivors: Vec<ClientId>,
+    },
+    /// See [`Message::SurvivorsSigned`].
+    SurvivorsSigned {
+        /// Round.
+        round: u64,
+        /// Signature.
+        signature: Vec<u8>,
+    },
+    /// See [`Message::Unmask`].
+    Unmask(UnmaskRequest),
+    /// See [`Message::UnmaskShares`].
+    UnmaskShares {
+        /// Round.
+        round: u64,
+        /// Self-mask seed shares.
+        self_mask: Vec<(ClientId, Share)>,
+        /// Mask-key shares.
+        keys: Vec<(ClientId, Share)>,
+    },
 }
 
 impl Control {
@@ -136,6 +197,15 @@ impl Control {
             | Control::TrainResult { manifest, .. }
             | Control::Evaluate { manifest, .. } => Some(manifest),
             _ => None,
+        }
+    }
+
+    /// Number of 4-byte words that follow this control body (validating any manifest), or
+    /// `None` if it carries no payload.
+    pub fn payload_words(&self) -> Result<Option<u64>, Error> {
+        match self {
+            Control::MaskedInput { len, .. } => Ok(Some(*len)),
+            other => other.payload_manifest().map(Manifest::validate).transpose(),
         }
     }
 }
@@ -228,8 +298,70 @@ impl Encoded<'_> {
     }
 }
 
-fn to_control(msg: &Message) -> (Control, Option<&Params>) {
-    match msg {
+fn to_control(msg: &Message) -> (Control, Option<&[f32]>) {
+    let (control, params) = to_control_params(msg);
+    match (control, msg) {
+        (Some(c), _) => (c, params.map(|p| p.values())),
+        (None, m) => secagg_control(m),
+    }
+}
+
+/// Controls of the SecAgg messages. The masked words travel as raw little-endian 4-byte words
+/// like tensor values; they are reinterpreted, never converted, so every bit survives.
+fn secagg_control(msg: &Message) -> (Control, Option<&[f32]>) {
+    let c = match msg {
+        Message::AdvertiseKeys(a) => Control::AdvertiseKeys(a.clone()),
+        Message::NeighbourKeys { round, adverts } => Control::NeighbourKeys {
+            round: *round,
+            adverts: adverts.clone(),
+        },
+        Message::ShareKeys { round, shares } => Control::ShareKeys {
+            round: *round,
+            shares: shares.clone(),
+        },
+        Message::ForwardShares { round, shares } => Control::ForwardShares {
+            round: *round,
+            shares: shares.clone(),
+        },
+        Message::MaskedInput(m) => {
+            return (
+                Control::MaskedInput {
+                    round: m.round,
+                    metrics: m.metrics.clone(),
+                    len: m.values.len() as u64,
+                },
+                Some(bytemuck::cast_slice(&m.values)),
+            );
+        }
+        Message::Survivors { round, survivors } => Control::Survivors {
+            round: *round,
+            survivors: survivors.clone(),
+        },
+        Message::SurvivorsSigned { round, signature } => Control::SurvivorsSigned {
+            round: *round,
+            signature: signature.clone(),
+        },
+        Message::Unmask(u) => Control::Unmask(u.clone()),
+        Message::UnmaskShares {
+            round,
+            self_mask,
+            keys,
+        } => Control::UnmaskShares {
+            round: *round,
+            self_mask: self_mask.clone(),
+            keys: keys.clone(),
+        },
+        // Every other kind is handled by `to_control_params`.
+        other => Control::Abort {
+            round: None,
+            reason: AbortReason::Other(format!("unencodable {}", other.kind())),
+        },
+    };
+    (c, None)
+}
+
+fn to_control_params(msg: &Message) -> (Option<Control>, Option<&Params>) {
+    let (c, p) = match msg {
         Message::Hello(h) => (Control::Hello(h.clone()), None),
         Message::Welcome(w) => (Control::Welcome(w.clone()), None),
         Message::GetParams => (Control::GetParams, None),
@@ -245,6 +377,7 @@ fn to_control(msg: &Message) -> (Control, Option<&Params>) {
                 config: t.config.clone(),
                 deadline_ms: t.deadline_ms,
                 manifest: (**t.model.manifest()).clone(),
+                secagg: t.secagg.clone(),
             },
             Some(&t.model),
         ),
@@ -274,7 +407,9 @@ fn to_control(msg: &Message) -> (Control, Option<&Params>) {
             None,
         ),
         Message::Heartbeat { seq } => (Control::Heartbeat { seq: *seq }, None),
-    }
+        _ => return (None, None),
+    };
+    (Some(c), p)
 }
 
 /// Encodes a message. Fails only if the control body would exceed the default cap.
@@ -296,7 +431,7 @@ pub fn encode(msg: &Message) -> Result<Encoded<'_>, Error> {
     }
     Ok(Encoded {
         head,
-        payload: params.map(|p| p.values()),
+        payload: params,
     })
 }
 
@@ -324,7 +459,27 @@ pub struct PendingPayload {
 }
 
 impl PendingPayload {
-    /// Manifest of the incoming model.
+    /// Errors unless the payload is what a receiver expecting models of `manifest` accepts:
+    /// a model with exactly that manifest, or a masked input of one word per parameter plus
+    /// the weight. Call before [`PendingPayload::start`].
+    pub fn check_expected(&self, manifest: &Manifest) -> Result<(), Error> {
+        match &self.control {
+            Control::MaskedInput { len, .. } => {
+                let want = manifest.numel() + 1;
+                if *len != want {
+                    return Err(Error::PayloadLengthMismatch {
+                        expected: want * 4,
+                        got: len.saturating_mul(4),
+                    });
+                }
+                Ok(())
+            }
+            _ if self.manifest() != manifest => Err(Error::ManifestMismatch),
+            _ => Ok(()),
+        }
+    }
+
+    /// Manifest of the incoming model (empty for a masked input).
     pub fn manifest(&self) -> &Manifest {
         // Constructed only for controls that carry a manifest.
         static EMPTY: Manifest = Manifest {
@@ -378,9 +533,9 @@ pub fn decode_control(body: &[u8], limits: &Limits) -> Result<Decoded, Error> {
     if !rest.is_empty() {
         return Err(Error::TrailingBytes(rest.len() as u64));
     }
-    let numel = match control.payload_manifest() {
+    let numel = match control.payload_words()? {
         None => return complete_without_payload(control).map(Decoded::Complete),
-        Some(m) => m.validate()?,
+        Some(n) => n,
     };
     let bytes = numel.saturating_mul(4);
     if bytes > limits.max_payload_bytes {
@@ -400,10 +555,29 @@ fn complete_without_payload(control: Control) -> Result<Message, Error> {
         Control::EvaluateResult(r) => Message::EvaluateResult(r),
         Control::Abort { round, reason } => Message::Abort { round, reason },
         Control::Heartbeat { seq } => Message::Heartbeat { seq },
+        Control::AdvertiseKeys(a) => Message::AdvertiseKeys(a),
+        Control::NeighbourKeys { round, adverts } => Message::NeighbourKeys { round, adverts },
+        Control::ShareKeys { round, shares } => Message::ShareKeys { round, shares },
+        Control::ForwardShares { round, shares } => Message::ForwardShares { round, shares },
+        Control::Survivors { round, survivors } => Message::Survivors { round, survivors },
+        Control::SurvivorsSigned { round, signature } => {
+            Message::SurvivorsSigned { round, signature }
+        }
+        Control::Unmask(u) => Message::Unmask(u),
+        Control::UnmaskShares {
+            round,
+            self_mask,
+            keys,
+        } => Message::UnmaskShares {
+            round,
+            self_mask,
+            keys,
+        },
         Control::InitialParams { .. }
         | Control::Train { .. }
         | Control::TrainResult { .. }
-        | Control::Evaluate { .. } => {
+        | Control::Evaluate { .. }
+        | Control::MaskedInput { .. } => {
             return Err(Error::Malformed("model message without payload".into()));
         }
     })
@@ -473,6 +647,13 @@ impl PayloadAssembler {
             });
         }
         let values = self.values;
+        if let Control::MaskedInput { round, metrics, .. } = self.control {
+            return Ok(Message::MaskedInput(MaskedInput {
+                round,
+                metrics,
+                values: bytemuck::cast_vec(values),
+            }));
+        }
         let params = |m: Manifest| Params::new(m, values);
         Ok(match self.control {
             Control::InitialParams { manifest } => Message::InitialParams(params(manifest)?),
@@ -481,12 +662,15 @@ impl PayloadAssembler {
                 config,
                 deadline_ms,
                 manifest,
+                secagg,
             } => Message::Train(TrainIns {
                 round,
                 config,
                 deadline_ms,
                 model: params(manifest)?,
+                secagg,
             }),
+
             Control::TrainResult {
                 round,
                 num_examples,
@@ -594,6 +778,15 @@ mod tests {
                 },
                 deadline_ms: 60_000,
                 model: params(),
+                secagg: Some(crate::secagg::SecAggSetup {
+                    participants: vec![ClientId::new("a"), ClientId::new("b"), ClientId::new("c")],
+                    neighbours: 2,
+                    threshold: 2,
+                    clip: 0.5,
+                    bits: 20,
+                    max_weight: 1000,
+                    graph_seed: 9,
+                }),
             }),
             Message::TrainResult(TrainRes {
                 round: 3,
@@ -620,7 +813,74 @@ mod tests {
                 },
             },
             Message::Heartbeat { seq: 42 },
+            Message::AdvertiseKeys(advert()),
+            Message::NeighbourKeys {
+                round: 3,
+                adverts: vec![advert(), advert()],
+            },
+            Message::ShareKeys {
+                round: 3,
+                shares: vec![EncryptedShare {
+                    peer: ClientId::new("b"),
+                    ciphertext: vec![7; 104],
+                }],
+            },
+            Message::ForwardShares {
+                round: 3,
+                shares: vec![EncryptedShare {
+                    peer: ClientId::new("c"),
+                    ciphertext: vec![8; 104],
+                }],
+            },
+            Message::MaskedInput(MaskedInput {
+                round: 3,
+                metrics: Metrics::new(),
+                // Words that are NaN or signalling-NaN patterns as f32 must survive intact.
+                values: vec![0, 1, 0x7fc0_0001, 0x7f80_0001, 0xffff_ffff, 0x8000_0000],
+            }),
+            Message::Survivors {
+                round: 3,
+                survivors: vec![ClientId::new("a"), ClientId::new("b")],
+            },
+            Message::SurvivorsSigned {
+                round: 3,
+                signature: vec![1, 2, 3],
+            },
+            Message::Unmask(UnmaskRequest {
+                round: 3,
+                survivors: vec![ClientId::new("a"), ClientId::new("b")],
+                dropped: vec![ClientId::new("c")],
+                signatures: vec![(ClientId::new("b"), vec![4, 5])],
+            }),
+            Message::UnmaskShares {
+                round: 3,
+                self_mask: vec![(
+                    ClientId::new("b"),
+                    Share {
+                        x: 1,
+                        y: [1, 2, 3, 4, 5],
+                    },
+                )],
+                keys: vec![(
+                    ClientId::new("c"),
+                    Share {
+                        x: 1,
+                        y: [6, 7, 8, 9, 10],
+                    },
+                )],
+            },
         ]
+    }
+
+    fn advert() -> Advertisement {
+        Advertisement {
+            round: 3,
+            client: ClientId::new("a"),
+            c_pk: [1; 32],
+            s_pk: [2; 32],
+            certificate: vec![3; 10],
+            signature: vec![4; 8],
+        }
     }
 
     #[test]

@@ -31,6 +31,7 @@ use crate::messages::{
     PROTOCOL_VERSION, TrainIns, TrainRes, Welcome,
 };
 use crate::params::Params;
+use crate::secagg::{Handled, SecAggConfig, SecAggStats, ServerRound};
 use crate::strategy::{
     ClientInfo, ClientUpdate, EvalSummary, Failure, FailureReason, Strategy, TrainResults,
     weighted_train_metrics,
@@ -57,6 +58,8 @@ pub struct CoordinatorConfig {
     pub evaluate_every: u64,
     /// Seed of the sampling RNG (mixed with the round number).
     pub seed: u64,
+    /// Secure aggregation (SecAgg+); `None`: plain rounds, the server sees each update.
+    pub secure_aggregation: Option<SecAggConfig>,
 }
 
 impl Default for CoordinatorConfig {
@@ -71,6 +74,7 @@ impl Default for CoordinatorConfig {
             idle_timeout: Some(Duration::from_secs(60)),
             evaluate_every: 1,
             seed: 0,
+            secure_aggregation: None,
         }
     }
 }
@@ -93,6 +97,9 @@ impl CoordinatorConfig {
         if self.round_timeout.is_zero() {
             return Err(Error::Config("round_timeout must be positive".into()));
         }
+        if let Some(sa) = &self.secure_aggregation {
+            sa.validate()?;
+        }
         Ok(())
     }
 }
@@ -114,6 +121,9 @@ pub struct RoundRecord {
     pub evaluation: Option<EvalSummary>,
     /// Why the round was aborted, if it was (the model is then unchanged).
     pub aborted: Option<AbortReason>,
+    /// Client-set sizes of a secure round.
+    #[serde(default)]
+    pub secagg: Option<SecAggStats>,
 }
 
 /// Something the driver should know or act on.
@@ -172,6 +182,7 @@ struct TrainPhase {
     results: Vec<ClientUpdate>,
     failures: Vec<Failure>,
     deadline: Instant,
+    secagg: Option<Box<ServerRound>>,
 }
 
 #[derive(Debug)]
@@ -235,6 +246,8 @@ pub struct Coordinator {
     last_snapshot: Option<Snapshot>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// The unmasked quantized sum of the last secure round (for audits and tests).
+    last_unmasked: Option<Vec<u32>>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -257,6 +270,13 @@ impl Coordinator {
         initial: Option<Params>,
     ) -> Result<Self, Error> {
         config.validate()?;
+        if config.secure_aggregation.is_some() && strategy.needs_individual_updates() {
+            return Err(Error::Config(format!(
+                "strategy {} needs each client's update, which secure aggregation hides; \
+                 turn secure aggregation off or choose a strategy that works on the sum",
+                strategy.name()
+            )));
+        }
         if let Some(p) = &initial {
             p.check_finite()?;
         }
@@ -271,6 +291,7 @@ impl Coordinator {
             last_snapshot: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            last_unmasked: None,
         })
     }
 
@@ -297,6 +318,12 @@ impl Coordinator {
     /// already started by the time the driver sees [`Event::RoundCompleted`].
     pub fn snapshot(&self) -> Option<Snapshot> {
         self.last_snapshot.clone()
+    }
+
+    /// The unmasked sum of the encoded inputs of the last secure round that completed: one
+    /// `u32` per parameter, then the total weight. What the server learned, and nothing else.
+    pub fn last_unmasked_sum(&self) -> Option<&[u32]> {
+        self.last_unmasked.as_deref()
     }
 
     /// The configuration.
@@ -348,7 +375,10 @@ impl Coordinator {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let phase = match &self.phase {
             Phase::InitParams { deadline, .. } => Some(*deadline),
-            Phase::Train(t) => Some(t.deadline),
+            Phase::Train(t) => Some(match &t.secagg {
+                Some(sa) => sa.deadline().unwrap_or(t.deadline),
+                None => t.deadline,
+            }),
             Phase::Evaluate(e) => Some(e.deadline),
             Phase::Waiting | Phase::Finished => None,
         };
@@ -398,6 +428,12 @@ impl Coordinator {
                     &asked,
                     "did not send initial parameters in time".into(),
                 );
+            }
+            Phase::Train(t) if t.secagg.is_some() => {
+                if let Some(sa) = &mut t.secagg {
+                    sa.handle_timeout(now);
+                }
+                self.pump_secagg(now);
             }
             Phase::Train(t) if now >= t.deadline => {
                 for id in std::mem::take(&mut t.pending) {
@@ -494,6 +530,11 @@ impl Coordinator {
             Message::InitialParams(p) => self.on_initial_params(now, from, p),
             Message::TrainResult(r) => self.on_train_result(now, from, r),
             Message::EvaluateResult(r) => self.on_evaluate_result(now, from, r),
+            m @ (Message::AdvertiseKeys(_)
+            | Message::ShareKeys { .. }
+            | Message::MaskedInput(_)
+            | Message::SurvivorsSigned { .. }
+            | Message::UnmaskShares { .. }) => self.on_secagg(now, from, m),
             Message::Abort { round, reason } => {
                 // The client gives up on a round (or the session): a failure, not a violation.
                 if round.is_none() {
@@ -539,6 +580,11 @@ impl Coordinator {
         };
         if r.round != current.round {
             return self.late_or_invalid(from, r.round, "TrainResult");
+        }
+        if current.secagg.is_some() {
+            return Err(Error::InvalidMessage(
+                "a plain training result in a secure-aggregation round".into(),
+            ));
         }
         if !current.selected.contains(from) {
             return Err(Error::InvalidMessage(format!(
@@ -652,6 +698,12 @@ impl Coordinator {
                 self.phase = Phase::Waiting;
                 self.ask_for_params(now, tried);
             }
+            Phase::Train(t) if t.secagg.is_some() => {
+                if let Some(sa) = &mut t.secagg {
+                    sa.handle_failure(now, client, reason);
+                }
+                self.pump_secagg(now);
+            }
             Phase::Train(t) => {
                 if t.pending.remove(client) {
                     t.failures.push(Failure {
@@ -725,14 +777,59 @@ impl Coordinator {
         };
         self.round += 1;
         let round = self.round;
-        let infos = self.client_infos();
+        let mut infos = self.client_infos();
+        if self.config.secure_aggregation.is_some() {
+            // Only clients that implement the protocol can take part.
+            infos.retain(|c| c.capabilities.secure_aggregation);
+        }
         let mut rng = self.rng_for(round, 0);
         let plan = self.strategy.configure_train(round, &infos, &mut rng);
         let mut selected = BTreeSet::new();
+        let mut configs = Vec::new();
         for (id, config) in plan {
             if !self.clients.contains_key(&id) || !selected.insert(id.clone()) {
                 continue; // the strategy named an unknown client or named one twice
             }
+            configs.push((id, config));
+        }
+        let deadline = now + self.config.round_timeout;
+        let mut secagg = None;
+        if let Some(sa) = &self.config.secure_aggregation {
+            let graph_seed = rand::RngCore::next_u64(&mut self.rng_for(round, 2));
+            match sa.setup_for(selected.iter().cloned().collect(), graph_seed) {
+                Ok(setup) => {
+                    secagg = Some(Box::new(ServerRound::new(
+                        round,
+                        setup,
+                        now,
+                        Duration::from_millis(sa.phase_timeout_ms),
+                        deadline,
+                        global.len(),
+                        self.config.min_train_results,
+                    )))
+                }
+                Err(e) => {
+                    self.events.push_back(Event::RoundStarted {
+                        round,
+                        selected: selected.len(),
+                    });
+                    let record = RoundRecord {
+                        round,
+                        selected: selected.len(),
+                        results: 0,
+                        failures: Vec::new(),
+                        train_metrics: Metrics::new(),
+                        evaluation: None,
+                        aborted: Some(AbortReason::SecureAggregation(e.to_string())),
+                        secagg: None,
+                    };
+                    self.end_round(now, record);
+                    return;
+                }
+            }
+        }
+        let setup = secagg.as_ref().map(|s| s.setup().clone());
+        for (id, config) in configs {
             self.transmits.push_back((
                 id,
                 Message::Train(TrainIns {
@@ -740,6 +837,7 @@ impl Coordinator {
                     config,
                     deadline_ms: self.config.round_timeout.as_millis() as u64,
                     model: global.clone(),
+                    secagg: setup.clone(),
                 }),
             ));
         }
@@ -753,13 +851,99 @@ impl Coordinator {
             selected,
             results: Vec::new(),
             failures: Vec::new(),
-            deadline: now + self.config.round_timeout,
+            deadline,
+            secagg,
         });
         if let Phase::Train(t) = &self.phase
             && t.selected.len() < self.config.min_train_results
         {
             self.close_train(now);
         }
+    }
+
+    /// Routes a SecAgg message to the open secure round.
+    fn on_secagg(&mut self, now: Instant, from: &ClientId, msg: Message) -> Result<(), Error> {
+        let round = msg.secagg_round().unwrap_or(0);
+        let handled = match &mut self.phase {
+            Phase::Train(t) if t.round == round => match &mut t.secagg {
+                Some(sa) => sa.handle_message(now, from, msg)?,
+                None => {
+                    return Err(Error::InvalidMessage(format!(
+                        "{} in a round without secure aggregation",
+                        msg.kind()
+                    )));
+                }
+            },
+            _ => return self.late_or_invalid(from, round, msg.kind()),
+        };
+        if handled == Handled::Late {
+            self.events.push_back(Event::LateMessage {
+                client: from.clone(),
+                round,
+            });
+        }
+        self.pump_secagg(now);
+        Ok(())
+    }
+
+    /// Sends what the secure round queued and closes the round when it is done.
+    fn pump_secagg(&mut self, now: Instant) {
+        let Phase::Train(t) = &mut self.phase else {
+            return;
+        };
+        let Some(sa) = &mut t.secagg else {
+            return;
+        };
+        self.transmits.extend(sa.drain_transmits());
+        if let Some(outcome) = sa.take_outcome() {
+            self.close_secure_train(now, outcome);
+        }
+    }
+
+    fn close_secure_train(
+        &mut self,
+        now: Instant,
+        outcome: Result<crate::secagg::Unmasked, AbortReason>,
+    ) {
+        let Phase::Train(t) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
+            return;
+        };
+        let Some(sa) = t.secagg else {
+            return;
+        };
+        let mut record = RoundRecord {
+            round: t.round,
+            selected: t.selected.len(),
+            results: 0,
+            failures: sa.failures(),
+            train_metrics: Metrics::new(),
+            evaluation: None,
+            aborted: None,
+            secagg: Some(sa.stats().clone()),
+        };
+        let unmasked = match outcome {
+            Ok(u) => u,
+            Err(reason) => {
+                record.aborted = Some(reason);
+                self.end_round(now, record);
+                return;
+            }
+        };
+        record.results = unmasked.contributors.len();
+        record.train_metrics = mean_metrics(&unmasked.metrics);
+        let sum = self.global.as_ref().map(|g| {
+            crate::secagg::decode_sum(sa.setup(), g, &unmasked.sum, unmasked.contributors.len())
+        });
+        let outcome = match (sum, &self.global) {
+            (Some(Ok(ws)), Some(g)) => {
+                self.strategy
+                    .aggregate_train(t.round, g, TrainResults::Sum(&ws), &record.failures)
+            }
+            (Some(Err(e)), _) => Err(e),
+            _ => Err(Error::Config("no global model".into())),
+        };
+        self.last_unmasked = Some(unmasked.sum);
+        self.apply_aggregate(now, record, outcome);
     }
 
     fn close_train(&mut self, now: Instant) {
@@ -789,6 +973,7 @@ impl Coordinator {
             train_metrics: weighted_train_metrics(&t.results),
             evaluation: None,
             aborted: None,
+            secagg: None,
         };
         if t.results.len() < self.config.min_train_results {
             let reason = AbortReason::TooFewClients {
@@ -819,6 +1004,16 @@ impl Coordinator {
             ),
             None => Err(Error::Config("no global model".into())),
         };
+        self.apply_aggregate(now, record, outcome);
+    }
+
+    /// Installs the strategy's new model (if sane) and moves on to evaluation.
+    fn apply_aggregate(
+        &mut self,
+        now: Instant,
+        mut record: RoundRecord,
+        outcome: Result<Option<Params>, Error>,
+    ) {
         match outcome {
             Ok(Some(new))
                 if new.check_finite().is_ok()
@@ -849,7 +1044,7 @@ impl Coordinator {
 
     fn start_eval(&mut self, now: Instant, record: RoundRecord) {
         let round = record.round;
-        let due = self.config.evaluate_every > 0 && round % self.config.evaluate_every == 0;
+        let due = self.config.evaluate_every > 0 && round.is_multiple_of(self.config.evaluate_every);
         let Some(global) = self.global.clone().filter(|_| due) else {
             self.end_round(now, record);
             return;
@@ -928,4 +1123,22 @@ impl Coordinator {
         }
         self.events.push_back(Event::Finished);
     }
+}
+
+/// Unweighted means of the clients' metrics (secure rounds hide the example counts).
+fn mean_metrics(all: &[Metrics]) -> Metrics {
+    let mut out = Metrics::new();
+    let mut counts: BTreeMap<&str, f64> = BTreeMap::new();
+    for m in all {
+        for (k, v) in m {
+            *out.entry(k.clone()).or_insert(0.0) += v;
+            *counts.entry(k.as_str()).or_insert(0.0) += 1.0;
+        }
+    }
+    for (k, v) in out.iter_mut() {
+        if let Some(c) = counts.get(k.as_str()) {
+            *v /= c;
+        }
+    }
+    out
 }

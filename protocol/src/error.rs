@@ -108,7 +108,17 @@ pub enum Error {
     /// The transport failed (connection lost, stream reset, ...).
     #[error("transport: {0}")]
     Transport(String),
+    /// A secure-aggregation check failed (bad signature, inconsistent shares, too many
+    /// dropouts, ...).
+    #[error("secure aggregation: {0}")]
+    SecAgg(String),
     /// An operation on a client the machine does not know.
     #[error("unknown client {0:?}")]
     UnknownClient(ClientId),
+}
+
+impl From<flotilla_crypto::Error> for Error {
+    fn from(e: flotilla_crypto::Error) -> Self {
+        Error::SecAgg(e.to_string())
+    }
 }

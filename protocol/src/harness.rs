@@ -267,12 +267,23 @@ impl Harness {
 
     /// Adds a client and connects it (it sends its hello).
     pub fn add_client(&mut self, id: ClientId, behaviour: Box<dyn ClientBehaviour>) {
-        let mut participant = Participant::new(Capabilities {
+        let participant = Participant::new(Capabilities {
             backend: "sim".into(),
             num_examples: None,
             secure_aggregation: false,
             software: "harness".into(),
         });
+        self.add_participant(id, participant, behaviour);
+    }
+
+    /// Adds a client with a participant configured by the caller (for example with secure
+    /// aggregation) and connects it.
+    pub fn add_participant(
+        &mut self,
+        id: ClientId,
+        mut participant: Participant,
+        behaviour: Box<dyn ClientBehaviour>,
+    ) {
         participant.connect(self.now);
         self.nodes.insert(
             id.clone(),

@@ -42,6 +42,7 @@ pub mod params;
 pub mod participant;
 #[cfg(feature = "quic")]
 pub mod quic;
+pub mod secagg;
 pub mod strategy;
 
 pub use coordinator::{Coordinator, CoordinatorConfig, Event, RoundRecord, Snapshot};

@@ -164,6 +164,8 @@ pub struct TrainIns {
     pub deadline_ms: u64,
     /// The global model to start from.
     pub model: Params,
+    /// Secure-aggregation parameters of this round; `None` for a plain round.
+    pub secagg: Option<crate::secagg::SecAggSetup>,
 }
 
 /// A client's result of local training.
@@ -222,6 +224,9 @@ pub enum AbortReason {
     Finished,
     /// Anything else, in words.
     Other(String),
+    /// Secure aggregation could not complete (too many dropouts, a failed check); nothing
+    /// about any update was revealed.
+    SecureAggregation(String),
 }
 
 impl fmt::Display for AbortReason {
@@ -238,6 +243,7 @@ impl fmt::Display for AbortReason {
             AbortReason::ServerShutdown => f.write_str("server shutting down"),
             AbortReason::Finished => f.write_str("federation finished"),
             AbortReason::Other(s) => f.write_str(s),
+            AbortReason::SecureAggregation(s) => write!(f, "secure aggregation: {s}"),
         }
     }
 }
@@ -274,6 +280,107 @@ pub enum Message {
         /// Sender's counter.
         seq: u64,
     },
+    /// Client → server, SecAgg phase 0: signed public keys.
+    AdvertiseKeys(Advertisement),
+    /// Server → client: the advertisements of the client's neighbours.
+    NeighbourKeys {
+        /// Round.
+        round: u64,
+        /// One per neighbour that advertised.
+        adverts: Vec<Advertisement>,
+    },
+    /// Client → server, SecAgg phase 1: encrypted shares, one per neighbour (`peer` = to).
+    ShareKeys {
+        /// Round.
+        round: u64,
+        /// Sealed shares.
+        shares: Vec<EncryptedShare>,
+    },
+    /// Server → client: the shares addressed to this client (`peer` = from).
+    ForwardShares {
+        /// Round.
+        round: u64,
+        /// Sealed shares.
+        shares: Vec<EncryptedShare>,
+    },
+    /// Client → server, SecAgg phase 2: the masked, quantized, weighted update; the last word
+    /// is the masked weight.
+    MaskedInput(MaskedInput),
+    /// Server → client, SecAgg phase 3a: the survivors; sign them if they look right.
+    Survivors {
+        /// Round.
+        round: u64,
+        /// Clients whose masked inputs are in the sum (sorted).
+        survivors: Vec<ClientId>,
+    },
+    /// Client → server: signature over the survivor list.
+    SurvivorsSigned {
+        /// Round.
+        round: u64,
+        /// ECDSA signature of `survivors_bytes(round, survivors)`.
+        signature: Vec<u8>,
+    },
+    /// Server → client, SecAgg phase 3b: reveal shares.
+    Unmask(UnmaskRequest),
+    /// Client → server: the revealed shares.
+    UnmaskShares {
+        /// Round.
+        round: u64,
+        /// Shares of survivors' self-mask seeds, by owner.
+        self_mask: Vec<(ClientId, flotilla_crypto::secagg::shamir::Share)>,
+        /// Shares of dropped clients' mask keys, by owner.
+        keys: Vec<(ClientId, flotilla_crypto::secagg::shamir::Share)>,
+    },
+}
+
+/// A client's signed key advertisement for one secure-aggregation round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Advertisement {
+    /// Round.
+    pub round: u64,
+    /// The advertising client.
+    pub client: ClientId,
+    /// X25519 public key for share encryption.
+    pub c_pk: [u8; 32],
+    /// X25519 public key for pairwise masks.
+    pub s_pk: [u8; 32],
+    /// The client's certificate (DER), whose key made `signature`.
+    pub certificate: Vec<u8>,
+    /// ECDSA signature over round, id, model hash and both keys.
+    pub signature: Vec<u8>,
+}
+
+/// A sealed pair of Shamir shares between two clients, relayed by the server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EncryptedShare {
+    /// The other client (recipient when sent, sender when forwarded).
+    pub peer: ClientId,
+    /// ChaCha20-Poly1305 ciphertext.
+    pub ciphertext: Vec<u8>,
+}
+
+/// A masked input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MaskedInput {
+    /// Round.
+    pub round: u64,
+    /// Local training metrics (in the clear, like the example count is not).
+    pub metrics: Metrics,
+    /// Masked words: one per parameter, then the weight.
+    pub values: Vec<u32>,
+}
+
+/// The server's request to reveal shares.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnmaskRequest {
+    /// Round.
+    pub round: u64,
+    /// Clients whose inputs are in the sum: reveal shares of their self-mask seeds.
+    pub survivors: Vec<ClientId>,
+    /// Clients that shared keys but sent no input: reveal shares of their mask keys.
+    pub dropped: Vec<ClientId>,
+    /// Survivor-list signatures of the recipient's neighbours.
+    pub signatures: Vec<(ClientId, Vec<u8>)>,
 }
 
 impl Message {
@@ -290,6 +397,31 @@ impl Message {
             Message::EvaluateResult(_) => "EvaluateResult",
             Message::Abort { .. } => "Abort",
             Message::Heartbeat { .. } => "Heartbeat",
+            Message::AdvertiseKeys(_) => "AdvertiseKeys",
+            Message::NeighbourKeys { .. } => "NeighbourKeys",
+            Message::ShareKeys { .. } => "ShareKeys",
+            Message::ForwardShares { .. } => "ForwardShares",
+            Message::MaskedInput(_) => "MaskedInput",
+            Message::Survivors { .. } => "Survivors",
+            Message::SurvivorsSigned { .. } => "SurvivorsSigned",
+            Message::Unmask(_) => "Unmask",
+            Message::UnmaskShares { .. } => "UnmaskShares",
+        }
+    }
+
+    /// The round a SecAgg message belongs to.
+    pub fn secagg_round(&self) -> Option<u64> {
+        match self {
+            Message::AdvertiseKeys(a) => Some(a.round),
+            Message::MaskedInput(m) => Some(m.round),
+            Message::Unmask(u) => Some(u.round),
+            Message::NeighbourKeys { round, .. }
+            | Message::ShareKeys { round, .. }
+            | Message::ForwardShares { round, .. }
+            | Message::Survivors { round, .. }
+            | Message::SurvivorsSigned { round, .. }
+            | Message::UnmaskShares { round, .. } => Some(*round),
+            _ => None,
         }
     }
 

@@ -15,6 +15,7 @@ use crate::messages::{
     TrainConfig, TrainRes,
 };
 use crate::params::Params;
+use crate::secagg::{ClientRound, Randomness, SecAggIdentity};
 
 /// What the driver should do.
 #[derive(Clone, Debug, PartialEq)]
@@ -92,9 +93,20 @@ impl State {
 }
 
 /// The client's protocol state machine. See the module docs.
+///
+/// With [`Participant::with_secure_aggregation`], it runs its side of SecAgg+ itself: it
+/// advertises keys when a secure `Train` arrives, exchanges shares while the trainer works,
+/// masks the result handed to [`Participant::submit_train`] and answers the unmasking — the
+/// driver only moves messages. A failed check (forged advertisement, different model, bad
+/// survivor list, a request for both shares of one neighbour) aborts the round on this
+/// client and is recorded in [`Participant::refusals`].
 #[derive(Debug)]
 pub struct Participant {
     capabilities: Capabilities,
+    secagg: Option<SecAggIdentity>,
+    secagg_randomness: Randomness,
+    secure: Option<ClientRound>,
+    refusals: Vec<(u64, String)>,
     state: State,
     client_id: Option<ClientId>,
     heartbeat: Option<Duration>,
@@ -109,6 +121,10 @@ impl Participant {
     pub fn new(capabilities: Capabilities) -> Self {
         Self {
             capabilities,
+            secagg: None,
+            secagg_randomness: Randomness::System,
+            secure: None,
+            refusals: Vec::new(),
             state: State::New,
             client_id: None,
             heartbeat: None,
@@ -116,6 +132,67 @@ impl Participant {
             heartbeat_seq: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+        }
+    }
+
+    /// Enables secure aggregation with these credentials (and declares it in the hello).
+    /// `randomness` must be [`Randomness::System`] outside tests and simulations.
+    pub fn with_secure_aggregation(
+        mut self,
+        identity: SecAggIdentity,
+        randomness: Randomness,
+    ) -> Self {
+        self.capabilities.secure_aggregation = true;
+        self.secagg = Some(identity);
+        self.secagg_randomness = randomness;
+        self
+    }
+
+    /// Secure rounds this client refused, and why.
+    pub fn refusals(&self) -> &[(u64, String)] {
+        &self.refusals
+    }
+
+    /// Aborts the secure round on our side after a failed check.
+    fn refuse(&mut self, round: u64, e: Error) {
+        let why = e.to_string();
+        self.refusals.push((round, why.clone()));
+        self.secure = None;
+        if matches!(self.state, State::Enrolled(Task::Train(r)) if r == round) {
+            self.state = State::Enrolled(Task::None);
+        }
+        self.transmits.push_back(Message::Abort {
+            round: Some(round),
+            reason: AbortReason::SecureAggregation(why.clone()),
+        });
+        self.events.push_back(ParticipantEvent::RoundAborted {
+            round,
+            reason: AbortReason::SecureAggregation(why),
+        });
+    }
+
+    /// Handles a server SecAgg message for the open secure round (others are stale: ignored).
+    fn on_secagg(&mut self, msg: Message) {
+        let Some(round) = msg.secagg_round() else {
+            return;
+        };
+        let (Some(sr), Some(id)) = (self.secure.as_mut(), self.secagg.as_ref()) else {
+            return;
+        };
+        if sr.round() != round {
+            return;
+        }
+        let out = match msg {
+            Message::NeighbourKeys { adverts, .. } => sr.on_neighbour_keys(adverts, id).map(Some),
+            Message::ForwardShares { shares, .. } => sr.on_forward_shares(shares),
+            Message::Survivors { survivors, .. } => sr.on_survivors(survivors, id).map(Some),
+            Message::Unmask(req) => sr.on_unmask(req).map(Some),
+            _ => Ok(None),
+        };
+        match out {
+            Ok(Some(m)) => self.transmits.push_back(m),
+            Ok(None) => {}
+            Err(e) => self.refuse(round, e),
         }
     }
 
@@ -182,6 +259,7 @@ impl Participant {
     pub fn handle_disconnect(&mut self) {
         if self.state != State::Closed {
             self.state = State::Closed;
+            self.secure = None;
             self.events.push_back(ParticipantEvent::Closed {
                 reason: AbortReason::Other("connection lost".into()),
             });
@@ -222,6 +300,7 @@ impl Participant {
                 },
             ) => {
                 self.state = State::Closed;
+                self.secure = None;
                 self.events.push_back(ParticipantEvent::Closed { reason });
                 Ok(())
             }
@@ -234,6 +313,32 @@ impl Participant {
                 }
                 Message::Train(t) => {
                     t.model.check_finite()?;
+                    self.secure = None;
+                    if let Some(setup) = t.secagg.clone() {
+                        let started = match (&self.secagg, &self.client_id) {
+                            (Some(identity), Some(me)) => ClientRound::start(
+                                t.round,
+                                setup,
+                                t.model.clone(),
+                                me,
+                                identity,
+                                self.secagg_randomness,
+                            ),
+                            _ => Err(Error::SecAgg(
+                                "this client has no secure-aggregation credentials".into(),
+                            )),
+                        };
+                        match started {
+                            Ok((round, advert)) => {
+                                self.secure = Some(round);
+                                self.transmits.push_back(advert);
+                            }
+                            Err(e) => {
+                                self.refuse(t.round, e);
+                                return Ok(());
+                            }
+                        }
+                    }
                     self.state = State::Enrolled(Task::Train(t.round));
                     self.events.push_back(ParticipantEvent::Train {
                         round: t.round,
@@ -260,8 +365,18 @@ impl Participant {
                     if matches!(task, Task::Train(r) | Task::Evaluate(r) if r == round) {
                         self.state = State::Enrolled(Task::None);
                     }
+                    if self.secure.as_ref().is_some_and(|s| s.round() == round) {
+                        self.secure = None;
+                    }
                     self.events
                         .push_back(ParticipantEvent::RoundAborted { round, reason });
+                    Ok(())
+                }
+                m @ (Message::NeighbourKeys { .. }
+                | Message::ForwardShares { .. }
+                | Message::Survivors { .. }
+                | Message::Unmask(_)) => {
+                    self.on_secagg(m);
                     Ok(())
                 }
                 other => Err(unexpected(self.state, other.kind())),
@@ -281,6 +396,15 @@ impl Participant {
             )));
         }
         self.state = State::Enrolled(Task::None);
+        if let Some(sr) = self.secure.as_mut().filter(|s| s.round() == res.round) {
+            let round = res.round;
+            match sr.on_result(res) {
+                Ok(Some(m)) => self.transmits.push_back(m),
+                Ok(None) => {} // sent once the neighbours' shares are in
+                Err(e) => self.refuse(round, e),
+            }
+            return Ok(());
+        }
         self.transmits.push_back(Message::TrainResult(res));
         Ok(())
     }
@@ -320,6 +444,9 @@ impl Participant {
                 Task::Params | Task::None => None,
             };
             if let Some(round) = round {
+                if self.secure.as_ref().is_some_and(|s| s.round() == round) {
+                    self.secure = None;
+                }
                 self.transmits.push_back(Message::Abort {
                     round: Some(round),
                     reason: AbortReason::Other(reason),

@@ -80,10 +80,8 @@ pub async fn recv_message(
     let msg = match codec::decode_control(&body, limits)? {
         Decoded::Complete(m) => m,
         Decoded::NeedsPayload(p) => {
-            if let Some(m) = expect
-                && p.manifest() != m
-            {
-                return Err(Error::ManifestMismatch);
+            if let Some(m) = expect {
+                p.check_expected(m)?;
             }
             total += p.payload_len();
             let mut a = p.start()?;

@@ -36,6 +36,14 @@
 //! optimizer = "sgd"                       # or "adam"
 //! proximal_mu = 0.0
 //! seed = 0
+//!
+//! [secure_aggregation]                    # SecAgg+; the section's presence turns it on
+//! neighbours = 10                         # k; 0 = everyone (classic SecAgg)
+//! threshold = 6                           # t, kept in (k/2, k]
+//! clip = 1.0                              # c: range of w/W · (local − global)
+//! bits = 24                               # b; lowered per round so n·2^b fits 32 bits
+//! max_weight = 10000                      # W: cap on a client's example count
+//! phase_timeout_ms = 30000                # per key-exchange / unmasking step
 //! ```
 
 use std::net::SocketAddr;
@@ -44,6 +52,7 @@ use std::time::Duration;
 
 use flotilla_protocol::coordinator::CoordinatorConfig;
 use flotilla_protocol::messages::{BatchSize, Optimizer, TrainConfig};
+use flotilla_protocol::secagg::SecAggConfig;
 use flotilla_protocol::strategy::{FedAvg, Sampling, Strategy};
 use serde::{Deserialize, Serialize};
 
@@ -236,6 +245,8 @@ pub struct ServerConfig {
     pub initial_model: Option<PathBuf>,
     /// Largest model accepted, in bytes.
     pub max_model_bytes: u64,
+    /// Secure aggregation; absent: off.
+    pub secure_aggregation: Option<SecAggConfig>,
 }
 
 impl Default for ServerConfig {
@@ -249,6 +260,7 @@ impl Default for ServerConfig {
             checkpoint_dir: "checkpoints".into(),
             initial_model: None,
             max_model_bytes: flotilla_protocol::codec::DEFAULT_MAX_PAYLOAD_BYTES,
+            secure_aggregation: None,
         }
     }
 }
@@ -284,6 +296,7 @@ impl ServerConfig {
             idle_timeout: Some(secs(self.rounds.idle_timeout_secs, "idle_timeout_secs")?),
             evaluate_every: self.rounds.evaluate_every,
             seed: self.rounds.seed,
+            secure_aggregation: self.secure_aggregation.clone(),
         };
         c.validate()?;
         Ok(c)
@@ -340,6 +353,14 @@ mod tests {
         let bad: ServerConfig = toml::from_str("[strategy]\nname = \"krum\"").unwrap();
         assert!(bad.strategy().is_err());
         let bad: ServerConfig = toml::from_str("[rounds]\nround_timeout_secs = -1").unwrap();
+        assert!(bad.coordinator().is_err());
+        // Secure aggregation: the section turns it on, missing keys take their defaults.
+        let c: ServerConfig = toml::from_str("[secure_aggregation]\nneighbours = 4").unwrap();
+        let sa = c.coordinator().unwrap().secure_aggregation.unwrap();
+        assert_eq!(sa.neighbours, 4);
+        assert_eq!(sa.bits, SecAggConfig::default().bits);
+        assert!(toml::from_str::<ServerConfig>("[secure_aggregation]\nk = 4").is_err());
+        let bad: ServerConfig = toml::from_str("[secure_aggregation]\nbits = 40").unwrap();
         assert!(bad.coordinator().is_err());
     }
 }

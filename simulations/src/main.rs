@@ -45,6 +45,9 @@ enum Command {
         /// No progress bar (plain lines).
         #[arg(long)]
         no_progress: bool,
+        /// Plain aggregation: the server sees every update (SecAgg+ is on by default).
+        #[arg(long)]
+        no_secagg: bool,
     },
 }
 
@@ -65,6 +68,7 @@ fn main() -> anyhow::Result<()> {
             momentum,
             backend,
             no_progress,
+            no_secagg,
         } => {
             let out = out.unwrap_or_else(|| {
                 let now = time::OffsetDateTime::now_utc();
@@ -86,8 +90,14 @@ fn main() -> anyhow::Result<()> {
             opts.momentum = momentum;
             opts.backend = backend.parse()?;
             opts.progress = !no_progress;
+            opts.secure_aggregation = !no_secagg;
             println!(
-                "Flotilla quick start: {clients} clients, {rounds} rounds of FedAvg on the bundled MNIST subset, QUIC + mTLS on loopback"
+                "Flotilla quick start: {clients} clients, {rounds} rounds of FedAvg{} on the bundled MNIST subset, QUIC + mTLS on loopback",
+                if no_secagg {
+                    ""
+                } else {
+                    " with secure aggregation (SecAgg+)"
+                }
             );
             let rt = tokio::runtime::Runtime::new()?;
             let s = rt.block_on(quickstart::run(opts))?;

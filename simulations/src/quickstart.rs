@@ -3,7 +3,8 @@
 //! A throwaway PKI in a temporary directory; the server and 10 clients in this process, each
 //! client with its own certificate, its own UDP socket and QUIC connection over loopback; the
 //! bundled MNIST subset (10,000 training images) split IID; 5 rounds of FedAvg training the
-//! McMahan CNN; federated evaluation on the bundled 2,000 test images after every round.
+//! McMahan CNN; federated evaluation on the bundled 2,000 test images after every round. The
+//! updates are securely aggregated (SecAgg+) unless turned off: the server sees only the sum.
 //! Writes `summary.json` (and the server's checkpoints) into the output directory.
 
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use flotilla_client::data::{Split, bundled};
 use flotilla_client::partition::Partition;
 use flotilla_client::{BackendKind, BurnTrainer, Cnn, LocalData, select_device};
 use flotilla_protocol::coordinator::{Event, RoundRecord};
+use flotilla_protocol::secagg::SecAggConfig;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
@@ -42,6 +44,8 @@ pub struct Options {
     pub seed: u64,
     /// Compute backend.
     pub backend: BackendKind,
+    /// Secure aggregation (on by default).
+    pub secure_aggregation: bool,
 }
 
 impl Options {
@@ -58,6 +62,7 @@ impl Options {
             progress: true,
             seed: 0,
             backend: BackendKind::Cpu,
+            secure_aggregation: true,
         }
     }
 }
@@ -104,6 +109,8 @@ pub struct Summary {
     pub model_parameters: usize,
     /// Backend the clients trained on.
     pub backend: String,
+    /// Whether the updates were securely aggregated.
+    pub secure_aggregation: bool,
 }
 
 fn round_summary(r: &RoundRecord, start: Instant) -> RoundSummary {
@@ -146,6 +153,9 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     config.train.learning_rate = opts.learning_rate;
     config.train.momentum = opts.momentum;
     config.train.seed = opts.seed;
+    if opts.secure_aggregation {
+        config.secure_aggregation = Some(SecAggConfig::default());
+    }
     // A fresh run: do not resume from an earlier run's checkpoints in the same directory.
     if config.checkpoint_dir.exists() {
         std::fs::remove_dir_all(&config.checkpoint_dir)?;
@@ -256,8 +266,17 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     });
     let out = Summary {
         description: format!(
-            "FedAvg, McMahan CNN, bundled MNIST subset (10,000 train / 2,000 test) split IID over {} clients, E={}, B={}, lr={}, momentum={}, real QUIC + mTLS over loopback",
-            opts.clients, opts.epochs, opts.batch_size, opts.learning_rate, opts.momentum
+            "FedAvg{}, McMahan CNN, bundled MNIST subset (10,000 train / 2,000 test) split IID over {} clients, E={}, B={}, lr={}, momentum={}, real QUIC + mTLS over loopback",
+            if opts.secure_aggregation {
+                " with SecAgg+"
+            } else {
+                ""
+            },
+            opts.clients,
+            opts.epochs,
+            opts.batch_size,
+            opts.learning_rate,
+            opts.momentum
         ),
         clients: opts.clients,
         rounds_completed: summary
@@ -272,6 +291,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
         bytes_received: received,
         model_parameters: params,
         backend: used.to_string(),
+        secure_aggregation: opts.secure_aggregation,
     };
     write_summary(&opts.out, &out)?;
     Ok(out)

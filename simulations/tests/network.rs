@@ -421,7 +421,7 @@ async fn misbehave(conn: &quinn::Connection, m: Message, how: Evil) {
     match how {
         Evil::Garbage => {
             let mut s = conn.open_uni().await.unwrap();
-            s.write_all(b"FL\x01\x00\xff\xff\xff\x7fgarbage")
+            s.write_all(b"FL\x02\x00\xff\xff\xff\x7fgarbage")
                 .await
                 .unwrap();
             s.finish().unwrap();

@@ -8,9 +8,9 @@
 //! shares are sealed with ChaCha20-Poly1305 (ring), the associated data binding round and
 //! both parties.
 
+use super::Entropy;
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use ring::hkdf;
-use ring::rand::SecureRandom;
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroizing;
 
@@ -41,9 +41,9 @@ impl hkdf::KeyType for Len32 {
 
 impl KeyPair {
     /// A fresh key pair from the system's secure random generator.
-    pub fn generate(rng: &dyn SecureRandom) -> Result<Self, Error> {
+    pub fn generate(rng: &mut dyn Entropy) -> Result<Self, Error> {
         let mut b = Zeroizing::new([0u8; 32]);
-        rng.fill(b.as_mut()).map_err(|_| Error::Random)?;
+        rng.fill(b.as_mut())?;
         Ok(Self::from_secret(*b))
     }
 
@@ -137,14 +137,14 @@ pub fn open(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::rand::SystemRandom;
+    use crate::secagg::SystemEntropy;
 
     #[test]
     fn both_sides_agree_and_purposes_separate() {
-        let rng = SystemRandom::new();
+        let mut rng = SystemEntropy::new();
         let (a, b) = (
-            KeyPair::generate(&rng).unwrap(),
-            KeyPair::generate(&rng).unwrap(),
+            KeyPair::generate(&mut rng).unwrap(),
+            KeyPair::generate(&mut rng).unwrap(),
         );
         let ab = a.agree(&b.public(), b"mask").unwrap();
         assert_eq!(*ab, *b.agree(&a.public(), b"mask").unwrap());

@@ -5,7 +5,7 @@
 //! (1..=n) and the five values. Any `t` shares recover the secret by Lagrange interpolation at
 //! zero; fewer reveal nothing about it.
 
-use ring::rand::SecureRandom;
+use super::Entropy;
 
 use crate::Error;
 
@@ -85,10 +85,10 @@ fn unlimbs(l: &[u64; LIMBS]) -> Result<[u8; 32], Error> {
     Ok(out)
 }
 
-fn random_element(rng: &dyn SecureRandom) -> Result<u64, Error> {
+fn random_element(rng: &mut dyn Entropy) -> Result<u64, Error> {
     loop {
         let mut b = [0u8; 8];
-        rng.fill(&mut b).map_err(|_| Error::Random)?;
+        rng.fill(&mut b)?;
         let v = u64::from_le_bytes(b) & P; // 61 bits
         if v < P {
             return Ok(v);
@@ -96,15 +96,37 @@ fn random_element(rng: &dyn SecureRandom) -> Result<u64, Error> {
     }
 }
 
-/// Splits `secret` into `n` shares, any `t` of which recover it.
+/// Splits `secret` into `n` shares (points 1..=n), any `t` of which recover it.
 pub fn split(
     secret: &[u8; 32],
     t: usize,
     n: usize,
-    rng: &dyn SecureRandom,
+    rng: &mut dyn Entropy,
 ) -> Result<Vec<Share>, Error> {
-    if t == 0 || t > n || n > u32::MAX as usize {
+    if n > u32::MAX as usize {
         return Err(Error::SecAgg(format!("invalid threshold {t} of {n}")));
+    }
+    let points: Vec<u32> = (1..=n as u32).collect();
+    split_at(secret, t, &points, rng)
+}
+
+/// Splits `secret` into one share per evaluation point in `points` (distinct, non-zero), any
+/// `t` of which recover it. SecAgg uses a neighbour's position in the round as its point.
+pub fn split_at(
+    secret: &[u8; 32],
+    t: usize,
+    points: &[u32],
+    rng: &mut dyn Entropy,
+) -> Result<Vec<Share>, Error> {
+    let n = points.len();
+    if t == 0 || t > n {
+        return Err(Error::SecAgg(format!("invalid threshold {t} of {n}")));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if points.iter().any(|&x| x == 0 || !seen.insert(x)) {
+        return Err(Error::SecAgg(
+            "share points must be distinct and non-zero".into(),
+        ));
     }
     let constants = limbs(secret);
     // coefficients[limb][degree]
@@ -116,8 +138,9 @@ pub fn split(
         }
         coeffs.push(poly);
     }
-    Ok((1..=n as u32)
-        .map(|x| {
+    Ok(points
+        .iter()
+        .map(|&x| {
             let mut y = [0u64; LIMBS];
             for (yi, poly) in y.iter_mut().zip(&coeffs) {
                 // Horner.
@@ -174,8 +197,8 @@ pub fn recover(shares: &[Share], t: usize) -> Result<[u8; 32], Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secagg::SystemEntropy;
     use proptest::prelude::*;
-    use ring::rand::SystemRandom;
 
     #[test]
     fn field_arithmetic() {
@@ -192,7 +215,7 @@ mod tests {
         #[test]
         fn any_t_shares_recover(secret in any::<[u8; 32]>(), n in 1usize..40, t_frac in 0.0f64..1.0, pick in any::<u64>()) {
             let t = 1 + ((n - 1) as f64 * t_frac) as usize;
-            let shares = split(&secret, t, n, &SystemRandom::new()).unwrap();
+            let shares = split(&secret, t, n, &mut SystemEntropy::new()).unwrap();
             // A pseudo-random subset of exactly t shares.
             let mut idx: Vec<usize> = (0..n).collect();
             let mut s = pick;
@@ -207,7 +230,7 @@ mod tests {
         #[test]
         fn fewer_than_t_shares_fail_or_differ(secret in any::<[u8; 32]>(), n in 3usize..20) {
             let t = n / 2 + 1;
-            let shares = split(&secret, t, n, &SystemRandom::new()).unwrap();
+            let shares = split(&secret, t, n, &mut SystemEntropy::new()).unwrap();
             prop_assert!(recover(&shares[..t - 1], t).is_err());
             // Interpolating t−1 shares as if they were enough does not give the secret.
             let wrong = recover(&shares[..t - 1], t - 1);
@@ -217,10 +240,10 @@ mod tests {
 
     #[test]
     fn bad_parameters_and_shares_are_errors() {
-        let rng = SystemRandom::new();
-        assert!(split(&[0; 32], 0, 3, &rng).is_err());
-        assert!(split(&[0; 32], 4, 3, &rng).is_err());
-        let mut s = split(&[7; 32], 2, 3, &rng).unwrap();
+        let mut rng = SystemEntropy::new();
+        assert!(split(&[0; 32], 0, 3, &mut rng).is_err());
+        assert!(split(&[0; 32], 4, 3, &mut rng).is_err());
+        let mut s = split(&[7; 32], 2, 3, &mut rng).unwrap();
         s[0].y[0] = P; // out of the field
         assert!(recover(&s, 2).is_err());
         s[0].x = 0;

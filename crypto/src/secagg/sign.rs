@@ -60,6 +60,57 @@ pub fn verify(cert_der: &[u8], message: &[u8], signature: &[u8]) -> Result<(), E
         .map_err(|_| Error::SecAgg("bad signature".into()))
 }
 
+/// Checks a neighbour's certificate the way the server checks a connecting client (chained
+/// to the federation CA, within its validity, not revoked) and returns the client id it
+/// names. Clients use it on the certificates the server forwards with key advertisements, so
+/// a server cannot invent a neighbour.
+#[derive(Clone)]
+pub struct PeerVerifier {
+    inner: std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerVerifier").finish_non_exhaustive()
+    }
+}
+
+impl PeerVerifier {
+    /// A verifier trusting `ca`, refusing what `crls` revoke.
+    pub fn new(
+        ca: &[rustls_pki_types::CertificateDer<'static>],
+        crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
+    ) -> Result<Self, Error> {
+        Ok(Self {
+            inner: crate::tls::client_verifier(ca, crls)?,
+        })
+    }
+
+    /// Verifies `cert_der` now and returns the client id in it.
+    pub fn verify(&self, cert_der: &[u8]) -> Result<String, Error> {
+        let cert = rustls_pki_types::CertificateDer::from(cert_der.to_vec());
+        self.inner
+            .verify_client_cert(&cert, &[], rustls_pki_types::UnixTime::now())
+            .map_err(|e| Error::Certificate(format!("neighbour certificate refused: {e}")))?;
+        crate::pki::client_id_from_cert(cert_der)
+    }
+}
+
+/// The bytes a client signs to vouch for the survivor list of a round (the consistency
+/// check of Bonawitz et al.: every survivor must have been shown the same list before anyone
+/// reveals a share).
+pub fn survivors_bytes(round: u64, survivors: &[&str]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(48 + survivors.iter().map(|s| s.len() + 4).sum::<usize>());
+    m.extend_from_slice(b"flotilla secagg survivors v1\0");
+    m.extend_from_slice(&round.to_le_bytes());
+    m.extend_from_slice(&(survivors.len() as u32).to_le_bytes());
+    for s in survivors {
+        m.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        m.extend_from_slice(s.as_bytes());
+    }
+    m
+}
+
 /// The bytes a key advertisement signs: a domain label, the round, the client id, the hash
 /// of the global model the client received, and its two public keys, length-prefixed.
 pub fn advertisement_bytes(
@@ -99,5 +150,17 @@ mod tests {
         assert!(verify(alice.leaf().unwrap(), &other_model, &sig).is_err());
         let other_round = advertisement_bytes(4, "alice", &[1; 32], &[2; 32], &[3; 32]);
         assert!(verify(alice.leaf().unwrap(), &other_round, &sig).is_err());
+    }
+
+    #[test]
+    fn peer_verifier_names_the_client_and_refuses_foreign_certificates() {
+        let ca = CertificateAuthority::generate("CA", 1).unwrap();
+        let other = CertificateAuthority::generate("Other", 1).unwrap();
+        let v = PeerVerifier::new(&[ca.cert_der().unwrap()], Vec::new()).unwrap();
+        let alice = Identity::from_issued(&ca.issue_client("alice", 1).unwrap()).unwrap();
+        assert_eq!(v.verify(alice.leaf().unwrap()).unwrap(), "alice");
+        let mallory = Identity::from_issued(&other.issue_client("alice", 1).unwrap()).unwrap();
+        assert!(v.verify(mallory.leaf().unwrap()).is_err());
+        assert!(v.verify(b"not a certificate").is_err());
     }
 }

@@ -62,6 +62,10 @@ struct Args {
     /// Compute backend: cpu (burn flex), ndarray or cuda.
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// Refuse secure aggregation (take part in plain rounds only). By default the client
+    /// joins SecAgg+ rounds when the server runs them.
+    #[arg(long)]
+    no_secure_aggregation: bool,
 }
 
 fn parse_split(s: &str) -> anyhow::Result<Partition> {
@@ -141,7 +145,11 @@ fn main() -> anyhow::Result<()> {
     let (device, used) = select_device(backend);
     let mut options = ClientOptions::new(args.server, args.server_name, identity, ca);
     options.capabilities.backend = used.to_string();
-    options.capabilities.num_examples = Some(train_local.len() as u64);
+    options.secure_aggregation = !args.no_secure_aggregation;
+    // The example count is the FedAvg weight: under secure aggregation it is only sent
+    // masked, so it is not announced in the clear either.
+    options.capabilities.num_examples =
+        (!options.secure_aggregation).then_some(train_local.len() as u64);
     let model: ModelKind = args.model.parse()?;
 
     let rt = tokio::runtime::Runtime::new()?;

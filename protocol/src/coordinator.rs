@@ -154,6 +154,14 @@ pub enum Event {
     RoundCompleted(RoundRecord),
     /// A round was aborted; the model is unchanged.
     RoundAborted(RoundRecord),
+    /// A secure round moved to another stage (progress; also when masked inputs start to
+    /// be collected).
+    SecureStage {
+        /// Round.
+        round: u64,
+        /// Stage entered.
+        stage: crate::secagg::Stage,
+    },
     /// A message arrived too late for its round and was ignored.
     LateMessage {
         /// Sender.
@@ -895,6 +903,12 @@ impl Coordinator {
             return;
         };
         self.transmits.extend(sa.drain_transmits());
+        if let Some(stage) = sa.take_stage_change() {
+            self.events.push_back(Event::SecureStage {
+                round: t.round,
+                stage,
+            });
+        }
         if let Some(outcome) = sa.take_outcome() {
             self.close_secure_train(now, outcome);
         }
@@ -1044,7 +1058,8 @@ impl Coordinator {
 
     fn start_eval(&mut self, now: Instant, record: RoundRecord) {
         let round = record.round;
-        let due = self.config.evaluate_every > 0 && round.is_multiple_of(self.config.evaluate_every);
+        let due =
+            self.config.evaluate_every > 0 && round.is_multiple_of(self.config.evaluate_every);
         let Some(global) = self.global.clone().filter(|_| due) else {
             self.end_round(now, record);
             return;

@@ -938,6 +938,7 @@ pub struct ServerRound {
     out: Vec<(ClientId, Message)>,
     outcome: Option<Result<Unmasked, AbortReason>>,
     stats: SecAggStats,
+    entered: Option<Stage>,
 }
 
 impl std::fmt::Debug for ServerRound {
@@ -996,7 +997,13 @@ impl ServerRound {
             out: Vec::new(),
             outcome: None,
             stats,
+            entered: None,
         }
+    }
+
+    /// The stage entered since the last call, if any (for progress reports).
+    pub fn take_stage_change(&mut self) -> Option<Stage> {
+        self.entered.take()
     }
 
     /// The round's parameters.
@@ -1363,6 +1370,7 @@ impl ServerRound {
                     }
                 }
                 self.stage = Stage::ShareKeys;
+                self.entered = Some(Stage::ShareKeys);
                 self.deadline = now + self.phase_timeout;
                 self.pending = u1;
             }
@@ -1401,6 +1409,7 @@ impl ServerRound {
                 }
                 self.shares.clear();
                 self.stage = Stage::MaskedInput;
+                self.entered = Some(Stage::MaskedInput);
                 self.deadline = self.collect_deadline.max(now);
                 self.pending = u2_live;
             }
@@ -1434,6 +1443,7 @@ impl ServerRound {
                     }
                 }
                 self.stage = Stage::Consistency;
+                self.entered = Some(Stage::Consistency);
                 self.deadline = now + self.phase_timeout;
                 self.pending = alive;
             }
@@ -1482,6 +1492,7 @@ impl ServerRound {
                     }
                 }
                 self.stage = Stage::Unmask;
+                self.entered = Some(Stage::Unmask);
                 self.deadline = now + self.phase_timeout;
                 self.pending = u4;
             }
@@ -1506,17 +1517,22 @@ impl ServerRound {
         if sum.len() != self.expected_len {
             return Err(sa("no masked inputs"));
         }
+        let mut masks: Vec<([u8; 32], Sign)> = Vec::with_capacity(self.u3.len());
         for &u in &self.u3 {
             let shares = self.b_shares.get(&u).map(Vec::as_slice).unwrap_or(&[]);
-            let b = Zeroizing::new(shamir::recover(shares, t).map_err(|e| {
+            let b = shamir::recover(shares, t).map_err(|e| {
                 sa(format!(
                     "too many dropouts: self mask of {}: {e}",
                     self.setup.id(u).map_or("?", ClientId::as_str)
                 ))
-            })?);
-            mask::apply(&b, &mut sum, Sign::Sub);
+            })?;
+            masks.push((b, Sign::Sub));
         }
+        // Dropped clients: rebuild their mask keys, then the seeds they shared with each
+        // survivor among their neighbours.
         let dropped = self.dropped_to_recover();
+        let mut secrets = Vec::with_capacity(dropped.len());
+        let mut pairs: Vec<(usize, [u8; 32], Sign)> = Vec::new();
         for &v in &dropped {
             let shares = self.s_shares.get(&v).map(Vec::as_slice).unwrap_or(&[]);
             let secret = Zeroizing::new(shamir::recover(shares, t).map_err(|e| {
@@ -1525,34 +1541,31 @@ impl ServerRound {
                     self.setup.id(v).map_or("?", ClientId::as_str)
                 ))
             })?);
-            let key = KeyPair::from_secret(*secret);
             let advert = self
                 .adverts
                 .get(&v)
                 .ok_or_else(|| sa("dropped client without keys"))?;
-            if key.public() != advert.s_pk {
+            if KeyPair::from_secret(*secret).public() != advert.s_pk {
                 return Err(sa(format!(
                     "reconstructed mask key of {} does not match its advertisement",
                     advert.client
                 )));
             }
             for &u in self.neighbours(v) {
-                if !self.u3.contains(&u) {
-                    continue;
+                if let (true, Some(peer)) = (self.u3.contains(&u), self.adverts.get(&u)) {
+                    // u added +PRG if u < v: take it off with the opposite sign.
+                    let sign = match pair_sign(u, v) {
+                        Sign::Add => Sign::Sub,
+                        Sign::Sub => Sign::Add,
+                    };
+                    pairs.push((secrets.len(), peer.s_pk, sign));
                 }
-                let peer = self
-                    .adverts
-                    .get(&u)
-                    .ok_or_else(|| sa("survivor without keys"))?;
-                let seed = key.agree(&peer.s_pk, MASK_PURPOSE)?;
-                // u added +PRG if u < v: take it off with the opposite sign.
-                let sign = match pair_sign(u, v) {
-                    Sign::Add => Sign::Sub,
-                    Sign::Sub => Sign::Add,
-                };
-                mask::apply(&seed, &mut sum, sign);
             }
+            secrets.push(secret);
         }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        masks.extend(derive_pair_seeds(&secrets, &pairs, threads)?);
+        mask::apply_all(&masks, &mut sum, threads);
         self.stats.recovered_dropped = dropped.len();
         Ok(Unmasked {
             sum,
@@ -1564,4 +1577,51 @@ impl ServerRound {
             metrics: std::mem::take(&mut self.metrics),
         })
     }
+}
+
+/// The pairwise seeds `HKDF(X25519(s_v, s_u))` for `(v, s_u public key, sign)` triples
+/// grouped by `v`, computed on `threads` threads (each X25519 costs tens of microseconds,
+/// and classic SecAgg with many dropouts needs tens of thousands).
+fn derive_pair_seeds(
+    secrets: &[Zeroizing<[u8; 32]>],
+    pairs: &[(usize, [u8; 32], Sign)],
+    threads: usize,
+) -> Result<Vec<([u8; 32], Sign)>, Error> {
+    if pairs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let per = pairs.len().div_ceil(threads.max(1)).max(64);
+    let results: Vec<Result<Vec<([u8; 32], Sign)>, Error>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = pairs
+            .chunks(per)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let mut out = Vec::with_capacity(chunk.len());
+                    let mut current: Option<(usize, KeyPair)> = None;
+                    for (v, pk, sign) in chunk {
+                        if current.as_ref().is_none_or(|(i, _)| i != v) {
+                            let secret = secrets.get(*v).ok_or_else(|| sa("no such secret"))?;
+                            current = Some((*v, KeyPair::from_secret(**secret)));
+                        }
+                        if let Some((_, key)) = &current {
+                            out.push((*key.agree(pk, MASK_PURPOSE)?, *sign));
+                        }
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(sa("a worker thread panicked")))
+            })
+            .collect()
+    });
+    let mut all = Vec::with_capacity(pairs.len());
+    for r in results {
+        all.extend(r?);
+    }
+    Ok(all)
 }

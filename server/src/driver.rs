@@ -365,6 +365,9 @@ async fn run(
                         debug!("checkpoint {}", path.display());
                     }
                 }
+                Event::SecureStage { round, stage } => {
+                    info!("round {round}: secure aggregation, {stage:?}")
+                }
                 Event::Finished => finished = true,
                 Event::ModelInitialized | Event::LateMessage { .. } => debug!("{ev:?}"),
                 _ => debug!("{ev:?}"),

@@ -1,9 +1,11 @@
-//! The platform's own cost: a real server and 10 real clients over QUIC + mTLS on loopback,
-//! the CNN's 1,663,370 parameters, and a trainer that returns at once. Prints seconds per round
-//! and the UDP bytes each client sends and receives per round, next to the payload (6.35 MiB
-//! each way).
+//! The platform's own cost: a real server and real clients over QUIC + mTLS on loopback, the
+//! CNN's 1,663,370 parameters, and a trainer that returns at once (or after `train_ms` of
+//! sleep, standing in for devices that train in parallel). Runs plain rounds, then SecAgg+
+//! rounds (k = 10, t = 6), and prints seconds per round, their ratio, and the bytes each
+//! client sends and receives per round: message bytes (what the protocol puts on streams)
+//! and UDP bytes (QUIC and TLS included), per parameter and next to the payload.
 //!
-//!     cargo bench -p flotilla-sim --bench platform_overhead
+//!     cargo bench -p flotilla-sim --bench platform_overhead [-- clients=100 rounds=4 train_ms=0]
 //!
 //! Per-round time is the median over the rounds after the first.
 
@@ -14,15 +16,13 @@ use std::time::{Duration, Instant};
 use flotilla_client::{Evaluation, LocalUpdate, Trainer};
 use flotilla_protocol::coordinator::Event;
 use flotilla_protocol::messages::{Metrics, TrainConfig};
+use flotilla_protocol::secagg::SecAggConfig;
 use flotilla_protocol::{Manifest, Params, TensorSpec};
 use flotilla_sim::federation::{client_options, make_pki, server_config};
 use tokio::sync::{mpsc, watch};
 
-const CLIENTS: usize = 10;
-const ROUNDS: u64 = 6;
-
-/// Returns the global model with every value nudged, at once.
-struct Instant0;
+/// Returns the global model with every value nudged, at once (or after a sleep).
+struct Instant0(Duration);
 
 impl Trainer for Instant0 {
     fn initial_params(&mut self) -> Result<Params, flotilla_client::Error> {
@@ -33,6 +33,7 @@ impl Trainer for Instant0 {
         g: &Params,
         _c: &TrainConfig,
     ) -> Result<LocalUpdate, flotilla_client::Error> {
+        std::thread::sleep(self.0);
         let v: Vec<f32> = g.values().iter().map(|x| x + 0.001).collect();
         Ok(LocalUpdate {
             num_examples: 1,
@@ -70,75 +71,126 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+struct Measured {
+    per_round: f64,
+    udp_sent: f64,
+    udp_received: f64,
+    msg_sent: f64,
+    msg_received: f64,
+}
+
+async fn measure(
+    clients: usize,
+    rounds: u64,
+    train: Duration,
+    secure: bool,
+) -> anyhow::Result<Measured> {
+    let dir = tempfile::tempdir()?;
+    let (pki, ids) = make_pki(&dir.path().join("pki"), clients)?;
+    let model = dir.path().join("init.safetensors");
+    flotilla_server::checkpoint::export_safetensors(&cnn_sized(0.0), &model)?;
+    let mut config = server_config(&pki, &dir.path().join("ckpt"));
+    config.initial_model = Some(model);
+    config.rounds.num_rounds = rounds;
+    config.rounds.min_available_clients = clients;
+    config.rounds.min_train_results = clients;
+    config.rounds.evaluate_every = 0;
+    config.strategy.min_train_clients = clients;
+    if secure {
+        config.secure_aggregation = Some(SecAggConfig::default());
+    }
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let server = flotilla_server::start(config, Some(ev_tx))?;
+    let addr = server.local_addr;
+    let (_stop, stop_rx) = watch::channel(false);
+    let handles: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let o = client_options(&pki, id, addr).expect("options");
+            tokio::spawn(flotilla_client::driver::run(
+                o,
+                Instant0(train),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    let mut started = Instant::now();
+    let mut per_round = Vec::new();
+    while let Some(ev) = ev_rx.recv().await {
+        match ev {
+            Event::RoundStarted { .. } => started = Instant::now(),
+            Event::RoundCompleted(r) if r.round > 1 => {
+                per_round.push(started.elapsed().as_secs_f64());
+            }
+            Event::RoundAborted(r) => anyhow::bail!("round {} aborted: {:?}", r.round, r.aborted),
+            Event::Finished => break,
+            _ => {}
+        }
+    }
+    let summary = server.wait().await?;
+    let (mut tx, mut rx) = (0u64, 0u64);
+    for c in handles {
+        if let Ok(Ok(Ok((_, s)))) = tokio::time::timeout(Duration::from_secs(60), c).await {
+            tx += s.udp_bytes_sent;
+            rx += s.udp_bytes_received;
+        }
+    }
+    let per = clients as f64 * rounds as f64;
+    Ok(Measured {
+        per_round: median(per_round),
+        udp_sent: tx as f64 / per,
+        udp_received: rx as f64 / per,
+        msg_sent: summary.bytes_received as f64 / per,
+        msg_received: summary.bytes_sent as f64 / per,
+    })
+}
+
 fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |name: &str, default: u64| {
+        args.iter()
+            .find_map(|a| {
+                a.strip_prefix(&format!("{name}="))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(default)
+    };
+    let clients = arg("clients", 10) as usize;
+    let rounds = arg("rounds", 6);
+    let train = Duration::from_millis(arg("train_ms", 0));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        let dir = tempfile::tempdir()?;
-        let (pki, ids) = make_pki(&dir.path().join("pki"), CLIENTS)?;
-        let model = dir.path().join("init.safetensors");
-        flotilla_server::checkpoint::export_safetensors(&cnn_sized(0.0), &model)?;
-        let mut config = server_config(&pki, &dir.path().join("ckpt"));
-        config.initial_model = Some(model);
-        config.rounds.num_rounds = ROUNDS;
-        config.rounds.min_available_clients = CLIENTS;
-        config.rounds.min_train_results = CLIENTS;
-        config.rounds.evaluate_every = 0;
-        config.strategy.min_train_clients = CLIENTS;
-        let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-        let server = flotilla_server::start(config, Some(ev_tx))?;
-        let addr = server.local_addr;
-        let (_stop, stop_rx) = watch::channel(false);
-        let clients: Vec<_> = ids
-            .iter()
-            .map(|id| {
-                let o = client_options(&pki, id, addr).expect("options");
-                tokio::spawn(flotilla_client::driver::run(o, Instant0, stop_rx.clone()))
-            })
-            .collect();
-        let mut started = Instant::now();
-        let mut per_round = Vec::new();
-        while let Some(ev) = ev_rx.recv().await {
-            match ev {
-                Event::RoundStarted { .. } => started = Instant::now(),
-                Event::RoundCompleted(r)
-                    if r.round > 1 => {
-                        per_round.push(started.elapsed().as_secs_f64());
-                    }
-                Event::Finished => break,
-                _ => {}
-            }
-        }
-        let summary = server.wait().await?;
-        let (mut tx, mut rx) = (0u64, 0u64);
-        for c in clients {
-            if let Ok(Ok(Ok((_, s)))) = tokio::time::timeout(Duration::from_secs(30), c).await {
-                tx += s.udp_bytes_sent;
-                rx += s.udp_bytes_received;
-            }
-        }
-        let payload = cnn_sized(0.0).len() as f64 * 4.0;
-        let per = (CLIENTS as f64) * ROUNDS as f64;
-        let mib = |b: f64| b / (1024.0 * 1024.0);
+    let params = cnn_sized(0.0).len() as f64;
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    let mut times = Vec::new();
+    for secure in [false, true] {
+        let m = rt.block_on(measure(clients, rounds, train, secure))?;
         println!(
-            "{CLIENTS} clients x {} params, {ROUNDS} rounds, instant trainer: {:.3} s/round (median of rounds 2-{ROUNDS})",
-            cnn_sized(0.0).len(),
-            median(per_round)
+            "{}: {clients} clients x {params} params, {rounds} rounds, training {:?}: {:.3} s/round (median of rounds 2-{rounds})",
+            if secure {
+                "SecAgg+ (k=10, t=6)"
+            } else {
+                "plain"
+            },
+            train,
+            m.per_round
         );
         println!(
-            "per client per round: payload {:.2} MiB each way; UDP sent {:.2} MiB ({:.3}x), received {:.2} MiB ({:.3}x)",
-            mib(payload),
-            mib(tx as f64 / per),
-            tx as f64 / per / payload,
-            mib(rx as f64 / per),
-            rx as f64 / per / payload
+            "  per client per round: up {:.2} MiB of messages ({:.3} B/param), {:.2} MiB UDP ({:.3} B/param); down {:.2} MiB of messages, {:.2} MiB UDP; payload {:.2} MiB",
+            mib(m.msg_sent),
+            m.msg_sent / params,
+            mib(m.udp_sent),
+            m.udp_sent / params,
+            mib(m.msg_received),
+            mib(m.udp_received),
+            mib(params * 4.0)
         );
-        println!(
-            "server message bytes: sent {:.2} MiB, received {:.2} MiB per client per round",
-            mib(summary.bytes_sent as f64 / per),
-            mib(summary.bytes_received as f64 / per)
-        );
-        anyhow::Ok(())
-    })
+        times.push(m.per_round);
+    }
+    println!(
+        "SecAgg+ round time / plain round time: {:.2}",
+        times[1] / times[0]
+    );
+    Ok(())
 }

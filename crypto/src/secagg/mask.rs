@@ -20,7 +20,14 @@ const BLOCK: usize = 4096;
 
 /// Applies `PRG(seed)` to `v` with wrapping arithmetic.
 pub fn apply(seed: &[u8; 32], v: &mut [u32], sign: Sign) {
+    apply_at(seed, v, 0, sign);
+}
+
+/// Applies words `offset..offset + v.len()` of `PRG(seed)` to `v` (the keystream is seeked,
+/// not generated from the start).
+pub fn apply_at(seed: &[u8; 32], v: &mut [u32], offset: usize, sign: Sign) {
     let mut rng = ChaCha20Rng::from_seed(*seed);
+    rng.set_word_pos(offset as u128);
     let mut buf = [0u32; BLOCK];
     for chunk in v.chunks_mut(BLOCK) {
         let words = &mut buf[..chunk.len()];
@@ -38,6 +45,27 @@ pub fn apply(seed: &[u8; 32], v: &mut [u32], sign: Sign) {
             }
         }
     }
+}
+
+/// Applies every mask in `masks` to `v` on up to `threads` threads. The vector is cut into
+/// one range per thread; each thread walks its range in cache-sized blocks and applies all
+/// masks to a block before moving on. Same result as applying them one by one.
+pub fn apply_all(masks: &[([u8; 32], Sign)], v: &mut [u32], threads: usize) {
+    const CACHE_BLOCK: usize = 16 * 1024;
+    let threads = threads.clamp(1, 64);
+    let per = v.len().div_ceil(threads).max(CACHE_BLOCK);
+    std::thread::scope(|scope| {
+        for (t, range) in v.chunks_mut(per).enumerate() {
+            scope.spawn(move || {
+                let base = t * per;
+                for (b, block) in range.chunks_mut(CACHE_BLOCK).enumerate() {
+                    for (seed, sign) in masks {
+                        apply_at(seed, block, base + b * CACHE_BLOCK, *sign);
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// The first `n` words of `PRG(seed)`.
@@ -80,6 +108,28 @@ mod tests {
             prop_assert_eq!(sum(&masked), sum(&inputs));
             prop_assert_ne!(&masked[0], &inputs[0]);
         }
+    }
+
+    #[test]
+    fn seeking_and_threads_give_the_same_masks() {
+        let v: Vec<u32> = (0..100_003).collect();
+        let masks: Vec<([u8; 32], Sign)> = (0..7u8)
+            .map(|i| ([i; 32], if i % 2 == 0 { Sign::Add } else { Sign::Sub }))
+            .collect();
+        let mut one = v.clone();
+        for (s, sign) in &masks {
+            apply(s, &mut one, *sign);
+        }
+        for threads in [1, 2, 3, 8] {
+            let mut many = v.clone();
+            apply_all(&masks, &mut many, threads);
+            assert_eq!(many, one, "{threads} threads");
+        }
+        let mut tail = v[5000..].to_vec();
+        apply_at(&[1; 32], &mut tail, 5000, Sign::Sub);
+        let mut whole = v.clone();
+        apply(&[1; 32], &mut whole, Sign::Sub);
+        assert_eq!(tail, whole[5000..]);
     }
 
     /// The bytes of one masked vector are uniform: a chi-square test over 256 byte values

@@ -293,6 +293,12 @@ async fn drive<T: Trainer + 'static>(
             }
         }
     });
+    // If this future is dropped (the task running the client is aborted), close the
+    // connection and stop the reader instead of leaving a half-alive session behind.
+    let _cancel = CancelGuard {
+        conn: conn.clone(),
+        reader: reader.abort_handle(),
+    };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<JobDone<T>>();
     let mut pending: Option<Job> = None;
     let mut busy = false;
@@ -458,6 +464,21 @@ async fn finish(
     conn.close(0u32.into(), b"bye");
     reader.abort();
     end
+}
+
+/// Closes the connection and stops the reader when a session is dropped mid-way.
+struct CancelGuard {
+    conn: quinn::Connection,
+    reader: tokio::task::AbortHandle,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if self.conn.close_reason().is_none() {
+            self.conn.close(0u32.into(), b"client stopped");
+        }
+        self.reader.abort();
+    }
 }
 
 /// Our SecAgg credentials: the TLS key signs, the CA checks neighbours.

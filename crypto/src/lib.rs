@@ -23,6 +23,7 @@
     )
 )]
 
+pub mod dp;
 pub mod pki;
 pub mod secagg;
 pub mod tls;

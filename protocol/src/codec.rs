@@ -774,6 +774,10 @@ mod tests {
                         epsilon: 1e-8,
                     },
                     batch_size: BatchSize::Full,
+                    dp: Some(crate::dp::ClientDp {
+                        clip: 1.0,
+                        noise_std: 0.25,
+                    }),
                     ..TrainConfig::default()
                 },
                 deadline_ms: 60_000,

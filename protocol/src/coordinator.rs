@@ -26,6 +26,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::Error;
+use crate::dp::{ClientDp, DpConfig, DpMode, PrivacyReport};
 use crate::messages::{
     AbortReason, Capabilities, ClientId, EvaluateIns, EvaluateRes, Message, Metrics,
     PROTOCOL_VERSION, TrainIns, TrainRes, Welcome,
@@ -36,6 +37,7 @@ use crate::strategy::{
     ClientInfo, ClientUpdate, EvalSummary, Failure, FailureReason, Strategy, TrainResults,
     weighted_train_metrics,
 };
+use flotilla_crypto::dp::RdpAccountant;
 
 /// Configuration of the round machine.
 #[derive(Clone, Debug, PartialEq)]
@@ -60,6 +62,10 @@ pub struct CoordinatorConfig {
     pub seed: u64,
     /// Secure aggregation (SecAgg+); `None`: plain rounds, the server sees each update.
     pub secure_aggregation: Option<SecAggConfig>,
+    /// Differential privacy: accounting, budget, and (client mode) the clients' clip and
+    /// noise. The server-side modes also need the strategy wrapped in
+    /// [`crate::dp::DpServer`].
+    pub dp: Option<DpConfig>,
 }
 
 impl Default for CoordinatorConfig {
@@ -75,6 +81,7 @@ impl Default for CoordinatorConfig {
             evaluate_every: 1,
             seed: 0,
             secure_aggregation: None,
+            dp: None,
         }
     }
 }
@@ -100,6 +107,9 @@ impl CoordinatorConfig {
         if let Some(sa) = &self.secure_aggregation {
             sa.validate()?;
         }
+        if let Some(dp) = &self.dp {
+            dp.validate()?;
+        }
         Ok(())
     }
 }
@@ -124,6 +134,9 @@ pub struct RoundRecord {
     /// Client-set sizes of a secure round.
     #[serde(default)]
     pub secagg: Option<SecAggStats>,
+    /// Privacy spent so far, if differential privacy is on.
+    #[serde(default)]
+    pub privacy: Option<PrivacyReport>,
 }
 
 /// Something the driver should know or act on.
@@ -161,6 +174,16 @@ pub enum Event {
         round: u64,
         /// Stage entered.
         stage: crate::secagg::Stage,
+    },
+    /// The next round would exceed the privacy budget: the run stops here ([`Event::Finished`]
+    /// follows).
+    PrivacyBudgetReached {
+        /// ε spent so far.
+        spent: f64,
+        /// ε after one more round.
+        next: f64,
+        /// The budget.
+        budget: f64,
     },
     /// A message arrived too late for its round and was ignored.
     LateMessage {
@@ -256,6 +279,10 @@ pub struct Coordinator {
     events: VecDeque<Event>,
     /// The unmasked quantized sum of the last secure round (for audits and tests).
     last_unmasked: Option<Vec<u32>>,
+    /// Privacy spent (if DP is on).
+    accountant: Option<RdpAccountant>,
+    /// The open round's privacy report, put in its record when it ends.
+    round_privacy: Option<PrivacyReport>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -288,6 +315,7 @@ impl Coordinator {
         if let Some(p) = &initial {
             p.check_finite()?;
         }
+        let accountant = config.dp.as_ref().map(|_| RdpAccountant::new());
         Ok(Self {
             config,
             strategy,
@@ -300,6 +328,8 @@ impl Coordinator {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             last_unmasked: None,
+            accountant,
+            round_privacy: None,
         })
     }
 
@@ -313,6 +343,12 @@ impl Coordinator {
         let mut c = Self::new(config, strategy, Some(snapshot.global.clone()))?;
         c.round = snapshot.round;
         c.history = snapshot.history.clone();
+        // The privacy spent before the restart is rebuilt from the rounds' records.
+        if let Some(acc) = &mut c.accountant {
+            for p in c.history.iter().filter_map(|r| r.privacy.as_ref()) {
+                acc.compose(p.sampling_rate, p.noise_multiplier, 1);
+            }
+        }
         c.last_snapshot = Some(snapshot);
         if c.round >= c.config.num_rounds {
             c.phase = Phase::Finished;
@@ -800,6 +836,40 @@ impl Coordinator {
             }
             configs.push((id, config));
         }
+        if let (Some(dp), Some(acc)) = (&self.config.dp, &mut self.accountant) {
+            // Each round is one step of the sampled Gaussian mechanism at rate q.
+            let q = selected.len() as f64 / infos.len().max(1) as f64;
+            let sigma = dp.noise_multiplier;
+            if let Some(budget) = dp.privacy_budget {
+                let next = acc.epsilon_after(q, sigma, dp.delta);
+                if next > budget {
+                    self.round -= 1;
+                    self.events.push_back(Event::PrivacyBudgetReached {
+                        spent: acc.epsilon(dp.delta),
+                        next,
+                        budget,
+                    });
+                    self.finish();
+                    return;
+                }
+            }
+            acc.compose(q, sigma, 1);
+            self.round_privacy = Some(PrivacyReport {
+                sampling_rate: q,
+                noise_multiplier: sigma,
+                epsilon: acc.epsilon(dp.delta),
+                delta: dp.delta,
+            });
+            if dp.mode == DpMode::Client {
+                let client_dp = ClientDp {
+                    clip: dp.clip_norm(),
+                    noise_std: sigma * dp.clip_norm() / (selected.len().max(1) as f64).sqrt(),
+                };
+                for (_, c) in configs.iter_mut() {
+                    c.dp = Some(client_dp);
+                }
+            }
+        }
         let deadline = now + self.config.round_timeout;
         let mut secagg = None;
         if let Some(sa) = &self.config.secure_aggregation {
@@ -830,6 +900,7 @@ impl Coordinator {
                         evaluation: None,
                         aborted: Some(AbortReason::SecureAggregation(e.to_string())),
                         secagg: None,
+                        privacy: None,
                     };
                     self.end_round(now, record);
                     return;
@@ -934,6 +1005,7 @@ impl Coordinator {
             evaluation: None,
             aborted: None,
             secagg: Some(sa.stats().clone()),
+            privacy: None,
         };
         let unmasked = match outcome {
             Ok(u) => u,
@@ -988,6 +1060,7 @@ impl Coordinator {
             evaluation: None,
             aborted: None,
             secagg: None,
+            privacy: None,
         };
         if t.results.len() < self.config.min_train_results {
             let reason = AbortReason::TooFewClients {
@@ -1106,7 +1179,10 @@ impl Coordinator {
         self.end_round(now, record);
     }
 
-    fn end_round(&mut self, now: Instant, record: RoundRecord) {
+    fn end_round(&mut self, now: Instant, mut record: RoundRecord) {
+        if record.privacy.is_none() {
+            record.privacy = self.round_privacy.take();
+        }
         self.history.push(record.clone());
         if let Some(global) = self.global.clone() {
             self.last_snapshot = Some(Snapshot {

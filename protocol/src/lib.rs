@@ -35,6 +35,7 @@
 
 pub mod codec;
 pub mod coordinator;
+pub mod dp;
 mod error;
 pub mod harness;
 pub mod messages;
@@ -43,6 +44,7 @@ pub mod participant;
 #[cfg(feature = "quic")]
 pub mod quic;
 pub mod secagg;
+pub mod strategies;
 pub mod strategy;
 
 pub use coordinator::{Coordinator, CoordinatorConfig, Event, RoundRecord, Snapshot};

@@ -137,6 +137,8 @@ pub struct TrainConfig {
     pub proximal_mu: f64,
     /// Seed for shuffling and any other local randomness.
     pub seed: u64,
+    /// Client-side differential privacy for this round (clip and noise), if on.
+    pub dp: Option<crate::dp::ClientDp>,
 }
 
 impl Default for TrainConfig {
@@ -149,6 +151,7 @@ impl Default for TrainConfig {
             optimizer: Optimizer::default(),
             proximal_mu: 0.0,
             seed: 0,
+            dp: None,
         }
     }
 }

@@ -107,6 +107,8 @@ pub struct Participant {
     secagg_randomness: Randomness,
     secure: Option<ClientRound>,
     refusals: Vec<(u64, String)>,
+    /// The open round's model and DP instructions, when client-side DP is on.
+    dp_task: Option<(u64, Params, crate::dp::ClientDp)>,
     state: State,
     client_id: Option<ClientId>,
     heartbeat: Option<Duration>,
@@ -125,6 +127,7 @@ impl Participant {
             secagg_randomness: Randomness::System,
             secure: None,
             refusals: Vec::new(),
+            dp_task: None,
             state: State::New,
             client_id: None,
             heartbeat: None,
@@ -144,6 +147,13 @@ impl Participant {
     ) -> Self {
         self.capabilities.secure_aggregation = true;
         self.secagg = Some(identity);
+        self.secagg_randomness = randomness;
+        self
+    }
+
+    /// Where the client's noise and masks come from (the default is the system generator;
+    /// [`Randomness::InsecureDeterministic`] only for tests and simulations).
+    pub fn with_randomness(mut self, randomness: Randomness) -> Self {
         self.secagg_randomness = randomness;
         self
     }
@@ -314,6 +324,7 @@ impl Participant {
                 Message::Train(t) => {
                     t.model.check_finite()?;
                     self.secure = None;
+                    self.dp_task = t.config.dp.map(|dp| (t.round, t.model.clone(), dp));
                     if let Some(setup) = t.secagg.clone() {
                         let started = match (&self.secagg, &self.client_id) {
                             (Some(identity), Some(me)) => ClientRound::start(
@@ -396,6 +407,25 @@ impl Participant {
             )));
         }
         self.state = State::Enrolled(Task::None);
+        let mut res = res;
+        if let Some((round, model, dp)) = self.dp_task.take()
+            && round == res.round
+        {
+            // Clip and noise before anything leaves (masked or not); equal weights.
+            let mut noise = match self.secagg_randomness {
+                Randomness::InsecureDeterministic(seed) => {
+                    let mut s = [0u8; 32];
+                    let bytes = seed.to_le_bytes().into_iter().chain(round.to_le_bytes());
+                    for (d, b) in s.iter_mut().zip(bytes) {
+                        *d = b;
+                    }
+                    flotilla_crypto::dp::GaussianNoise::from_seed(s)
+                }
+                Randomness::System => flotilla_crypto::dp::GaussianNoise::from_system()?,
+            };
+            res.params = crate::dp::privatize(&model, &res.params, &dp, &mut noise)?;
+            res.num_examples = 1;
+        }
         if let Some(sr) = self.secure.as_mut().filter(|s| s.round() == res.round) {
             let round = res.round;
             match sr.on_result(res) {

@@ -50,9 +50,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use flotilla_crypto::dp::GaussianNoise;
 use flotilla_protocol::coordinator::CoordinatorConfig;
+use flotilla_protocol::dp::{DpConfig, DpMode, DpServer};
 use flotilla_protocol::messages::{BatchSize, Optimizer, TrainConfig};
 use flotilla_protocol::secagg::SecAggConfig;
+use flotilla_protocol::strategies::{
+    Bulyan, FedAvgM, FedMedian, FedOpt, FedProx, FedTrimmedAvg, Krum, QFedAvg, ServerOptimizer,
+};
 use flotilla_protocol::strategy::{FedAvg, Sampling, Strategy};
 use serde::{Deserialize, Serialize};
 
@@ -121,7 +126,8 @@ impl Default for RoundsConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StrategyConfig {
-    /// Strategy name (`fedavg`).
+    /// Strategy name: `fedavg`, `fedavgm`, `fedprox`, `fedadagrad`, `fedadam`, `fedyogi`,
+    /// `qfedavg`, `fedmedian`, `fedtrimmedavg`, `krum`, `multikrum`, `bulyan`.
     pub name: String,
     /// Fraction of available clients sampled for training (C).
     pub fraction_train: f64,
@@ -131,6 +137,30 @@ pub struct StrategyConfig {
     pub fraction_evaluate: f64,
     /// At least this many evaluators per round.
     pub min_evaluate_clients: usize,
+    /// FedAvgM: server learning rate (default 1.0).
+    pub server_learning_rate: Option<f64>,
+    /// FedAvgM: server momentum (default 0.9).
+    pub server_momentum: Option<f64>,
+    /// FedProx: proximal term μ (default 0.01).
+    pub proximal_mu: Option<f64>,
+    /// FedAdagrad/FedAdam/FedYogi: server learning rate η.
+    pub eta: Option<f64>,
+    /// FedAdagrad/FedAdam/FedYogi: β₁.
+    pub beta_1: Option<f64>,
+    /// FedAdam/FedYogi: β₂.
+    pub beta_2: Option<f64>,
+    /// FedAdagrad/FedAdam/FedYogi: τ.
+    pub tau: Option<f64>,
+    /// QFedAvg: q (default 0.2).
+    pub q: Option<f64>,
+    /// QFedAvg: learning rate defining L = 1/lr (default 0.1).
+    pub qffl_learning_rate: Option<f64>,
+    /// FedTrimmedAvg: fraction trimmed at each end (default 0.2).
+    pub trim_beta: Option<f64>,
+    /// Krum/Multi-Krum/Bulyan: Byzantine clients tolerated, f (default 0).
+    pub num_malicious: usize,
+    /// Multi-Krum: updates averaged, m (default: n − f).
+    pub num_to_keep: Option<usize>,
 }
 
 impl Default for StrategyConfig {
@@ -141,6 +171,18 @@ impl Default for StrategyConfig {
             min_train_clients: 2,
             fraction_evaluate: 1.0,
             min_evaluate_clients: 2,
+            server_learning_rate: None,
+            server_momentum: None,
+            proximal_mu: None,
+            eta: None,
+            beta_1: None,
+            beta_2: None,
+            tau: None,
+            q: None,
+            qffl_learning_rate: None,
+            trim_beta: None,
+            num_malicious: 0,
+            num_to_keep: None,
         }
     }
 }
@@ -221,6 +263,7 @@ impl TrainSettings {
             optimizer,
             proximal_mu: self.proximal_mu,
             seed: self.seed,
+            dp: None,
         })
     }
 }
@@ -247,6 +290,8 @@ pub struct ServerConfig {
     pub max_model_bytes: u64,
     /// Secure aggregation; absent: off.
     pub secure_aggregation: Option<SecAggConfig>,
+    /// Differential privacy; absent: off.
+    pub dp: Option<DpConfig>,
 }
 
 impl Default for ServerConfig {
@@ -261,6 +306,7 @@ impl Default for ServerConfig {
             initial_model: None,
             max_model_bytes: flotilla_protocol::codec::DEFAULT_MAX_PAYLOAD_BYTES,
             secure_aggregation: None,
+            dp: None,
         }
     }
 }
@@ -297,6 +343,7 @@ impl ServerConfig {
             evaluate_every: self.rounds.evaluate_every,
             seed: self.rounds.seed,
             secure_aggregation: self.secure_aggregation.clone(),
+            dp: self.dp.clone(),
         };
         c.validate()?;
         Ok(c)
@@ -315,19 +362,83 @@ impl ServerConfig {
                 Err(Error::Config(format!("{what} must be between 0 and 1")))
             }
         };
-        match s.name.to_ascii_lowercase().as_str() {
-            "fedavg" => Ok(Box::new(FedAvg {
-                train_sampling: sampling(s.fraction_train, s.min_train_clients, "fraction_train")?,
-                evaluate_sampling: sampling(
-                    s.fraction_evaluate,
-                    s.min_evaluate_clients,
-                    "fraction_evaluate",
-                )?,
-                train_config: self.train.to_train_config()?,
-            })),
-            other => Err(Error::Config(format!(
-                "unknown strategy {other:?} (available: fedavg)"
-            ))),
+        let base = FedAvg {
+            train_sampling: sampling(s.fraction_train, s.min_train_clients, "fraction_train")?,
+            evaluate_sampling: sampling(
+                s.fraction_evaluate,
+                s.min_evaluate_clients,
+                "fraction_evaluate",
+            )?,
+            train_config: self.train.to_train_config()?,
+        };
+        let opt = |optimizer| {
+            let mut o = FedOpt::new(base.clone(), optimizer);
+            o.eta = s.eta.unwrap_or(o.eta);
+            o.beta_1 = s.beta_1.unwrap_or(o.beta_1);
+            o.beta_2 = s.beta_2.unwrap_or(o.beta_2);
+            o.tau = s.tau.unwrap_or(o.tau);
+            Box::new(o) as Box<dyn Strategy>
+        };
+        let strategy: Box<dyn Strategy> = match s.name.to_ascii_lowercase().as_str() {
+            "fedavg" => Box::new(base),
+            "fedavgm" => {
+                let mut m = FedAvgM::new(base);
+                m.server_learning_rate = s.server_learning_rate.unwrap_or(m.server_learning_rate);
+                m.server_momentum = s.server_momentum.unwrap_or(m.server_momentum);
+                Box::new(m)
+            }
+            "fedprox" => {
+                let mu = s.proximal_mu.unwrap_or(if self.train.proximal_mu > 0.0 {
+                    self.train.proximal_mu
+                } else {
+                    0.01
+                });
+                Box::new(FedProx::new(base, mu))
+            }
+            "fedadagrad" => opt(ServerOptimizer::Adagrad),
+            "fedadam" => opt(ServerOptimizer::Adam),
+            "fedyogi" => opt(ServerOptimizer::Yogi),
+            "qfedavg" => {
+                let mut q = QFedAvg::new(base);
+                q.q = s.q.unwrap_or(q.q);
+                q.learning_rate = s.qffl_learning_rate.unwrap_or(q.learning_rate);
+                Box::new(q)
+            }
+            "fedmedian" => Box::new(FedMedian { base }),
+            "fedtrimmedavg" => Box::new(FedTrimmedAvg {
+                base,
+                beta: s.trim_beta.unwrap_or(0.2),
+            }),
+            "krum" => Box::new(Krum {
+                base,
+                num_malicious: s.num_malicious,
+                num_to_keep: Some(1),
+            }),
+            "multikrum" => Box::new(Krum {
+                base,
+                num_malicious: s.num_malicious,
+                // Unset: Blanchard et al.'s m = n − f, resolved per round.
+                num_to_keep: s.num_to_keep,
+            }),
+            "bulyan" => Box::new(Bulyan {
+                base,
+                num_malicious: s.num_malicious,
+            }),
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown strategy {other:?} (available: fedavg, fedavgm, fedprox, fedadagrad, \
+                     fedadam, fedyogi, qfedavg, fedmedian, fedtrimmedavg, krum, multikrum, bulyan)"
+                )));
+            }
+        };
+        match &self.dp {
+            Some(dp) if dp.mode != DpMode::Client => Ok(Box::new(DpServer::new(
+                strategy,
+                dp,
+                GaussianNoise::from_system()
+                    .map_err(|e| Error::Config(format!("DP noise source: {e}")))?,
+            )?)),
+            _ => Ok(strategy),
         }
     }
 }
@@ -350,7 +461,7 @@ mod tests {
             BatchSize::Full
         );
         assert!(toml::from_str::<ServerConfig>("[rounds]\nnum_round = 3").is_err());
-        let bad: ServerConfig = toml::from_str("[strategy]\nname = \"krum\"").unwrap();
+        let bad: ServerConfig = toml::from_str("[strategy]\nname = \"krumm\"").unwrap();
         assert!(bad.strategy().is_err());
         let bad: ServerConfig = toml::from_str("[rounds]\nround_timeout_secs = -1").unwrap();
         assert!(bad.coordinator().is_err());
@@ -361,6 +472,55 @@ mod tests {
         assert_eq!(sa.bits, SecAggConfig::default().bits);
         assert!(toml::from_str::<ServerConfig>("[secure_aggregation]\nk = 4").is_err());
         let bad: ServerConfig = toml::from_str("[secure_aggregation]\nbits = 40").unwrap();
+        assert!(bad.coordinator().is_err());
+    }
+
+    #[test]
+    fn every_strategy_and_dp_mode_builds_and_secagg_refuses_individual_ones() {
+        use flotilla_protocol::Coordinator;
+        for name in [
+            "fedavg",
+            "fedavgm",
+            "fedprox",
+            "fedadagrad",
+            "fedadam",
+            "fedyogi",
+            "qfedavg",
+            "fedmedian",
+            "fedtrimmedavg",
+            "krum",
+            "multikrum",
+            "bulyan",
+        ] {
+            let c: ServerConfig =
+                toml::from_str(&format!("[strategy]\nname = \"{name}\"\nnum_malicious = 1"))
+                    .unwrap();
+            let s = c.strategy().unwrap();
+            assert_eq!(s.name(), name);
+            // Under SecAgg only the strategies that work on the sum are accepted.
+            let mut secure = c.clone();
+            secure.secure_aggregation = Some(SecAggConfig::default());
+            let built = Coordinator::new(secure.coordinator().unwrap(), s, None);
+            let needs_all = [
+                "qfedavg",
+                "fedmedian",
+                "fedtrimmedavg",
+                "krum",
+                "multikrum",
+                "bulyan",
+            ];
+            assert_eq!(built.is_err(), needs_all.contains(&name), "{name}");
+        }
+        let c: ServerConfig = toml::from_str(
+            "[strategy]\nname = \"fedadam\"\neta = 0.5\n[dp]\nmode = \"server-adaptive\"\nnoise_multiplier = 1.1",
+        )
+        .unwrap();
+        assert_eq!(c.strategy().unwrap().name(), "dp-adaptive+fedadam");
+        assert_eq!(c.coordinator().unwrap().dp.unwrap().clip_norm(), 0.1);
+        let c: ServerConfig = toml::from_str("[dp]\nmode = \"client\"").unwrap();
+        assert_eq!(c.strategy().unwrap().name(), "fedavg");
+        assert!(toml::from_str::<ServerConfig>("[dp]\nmode = \"central\"").is_err());
+        let bad: ServerConfig = toml::from_str("[dp]\ndelta = 2.0").unwrap();
         assert!(bad.coordinator().is_err());
     }
 }

@@ -365,6 +365,13 @@ async fn run(
                         debug!("checkpoint {}", path.display());
                     }
                 }
+                Event::PrivacyBudgetReached {
+                    spent,
+                    next,
+                    budget,
+                } => warn!(
+                    "privacy budget reached: ε = {spent:.3} spent, the next round would bring it to {next:.3} > {budget}; stopping"
+                ),
                 Event::SecureStage { round, stage } => {
                     info!("round {round}: secure aggregation, {stage:?}")
                 }
@@ -473,9 +480,14 @@ fn log_round(r: &RoundRecord) {
             format!("; eval loss {:.4}{acc}", e.loss)
         })
         .unwrap_or_default();
+    let privacy = r
+        .privacy
+        .as_ref()
+        .map(|p| format!("; privacy spent ε = {:.3} at δ = {:e}", p.epsilon, p.delta))
+        .unwrap_or_default();
     match &r.aborted {
         None => info!(
-            "round {} done: {}/{} results, {} failures{eval}",
+            "round {} done: {}/{} results, {} failures{eval}{privacy}",
             r.round,
             r.results,
             r.selected,

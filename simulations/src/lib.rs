@@ -9,5 +9,7 @@
 
 #![warn(missing_docs)]
 
+pub mod byzantine;
 pub mod federation;
+pub mod inmemory;
 pub mod quickstart;

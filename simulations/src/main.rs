@@ -49,6 +49,13 @@ enum Command {
         #[arg(long)]
         no_secagg: bool,
     },
+    /// The Byzantine experiment: 20 clients, 4 sending sign-flipped updates ×10, FedAvg
+    /// against the robust strategies (in memory, real Burn training, bundled MNIST subset).
+    Byzantine {
+        /// Rounds.
+        #[arg(long, default_value_t = 10)]
+        rounds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,6 +66,15 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     match Cli::parse().command {
+        Command::Byzantine { rounds } => {
+            let opts = flotilla_sim::byzantine::Options {
+                rounds,
+                ..Default::default()
+            };
+            let rows = flotilla_sim::byzantine::run(&opts)?;
+            print!("{}", flotilla_sim::byzantine::table(&opts, &rows));
+            Ok(())
+        }
         Command::Quickstart {
             out,
             clients,

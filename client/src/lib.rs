@@ -35,6 +35,8 @@ pub mod partition;
 pub mod trainer;
 
 pub use backend::{BackendKind, select_device};
+/// The run-time compute device (burn 0.22 selects the backend through it).
+pub use burn::tensor::Device;
 pub use models::{Classifier, Cnn, Mlp2nn, ModelKind};
 pub use trainer::{BurnTrainer, Evaluation, LocalData, LocalUpdate, Trainer};
 

@@ -191,6 +191,12 @@ impl<M: Classifier> BurnTrainer<M> {
         self.train.len()
     }
 
+    /// Replaces the training data and returns the previous one. Simulations share one
+    /// trainer (one model in memory) among many virtual clients this way.
+    pub fn set_train_data(&mut self, train: LocalData) -> LocalData {
+        std::mem::replace(&mut self.train, train)
+    }
+
     fn take_model(&mut self) -> Result<M, Error> {
         self.model
             .take()

@@ -3,7 +3,9 @@
 //! real round machines in memory ([`crate::inmemory`]) with real Burn training (the 2NN), and
 //! evaluates each final model on the bundled 2,000 test images.
 //!
-//!     cargo run --release -p flotilla-sim -- byzantine
+//! ```text
+//! cargo run --release -p flotilla-sim -- byzantine
+//! ```
 
 use std::time::Duration;
 

@@ -10,6 +10,8 @@
 #![warn(missing_docs)]
 
 pub mod byzantine;
+pub mod experiment;
 pub mod federation;
 pub mod inmemory;
+pub mod plot;
 pub mod quickstart;

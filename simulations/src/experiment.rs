@@ -1,0 +1,532 @@
+//! `flotilla-sim run <experiment.toml>`: many virtual clients on one machine, driving the very
+//! round machines the server and clients run in production, in memory.
+//!
+//! Virtual clients are cheap while idle: each holds only the indices of its examples into the
+//! one shared, read-only data set, and its protocol state machine. Training goes through one
+//! shared Burn trainer (one model in memory), which burn's `flex` backend runs on every core;
+//! the harness hands it one client at a time. The global model is evaluated centrally on the
+//! test set after every round (as in McMahan et al.), and the run writes per-round metrics
+//! (CSV, JSON), accuracy and loss curves (SVG, PNG) and a summary with the rounds needed to
+//! reach the target accuracy.
+
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use flotilla_client::data::{Dataset, Split, bundled, load_idx_dir};
+use flotilla_client::partition::Partition;
+use flotilla_client::{
+    BackendKind, BurnTrainer, Classifier, Cnn, LocalData, Mlp2nn, Trainer, select_device,
+};
+use flotilla_protocol::coordinator::Event;
+use flotilla_protocol::dp::DpConfig;
+use flotilla_protocol::harness::{Action, ClientBehaviour, Direction, Harness};
+use flotilla_protocol::messages::{EvaluateRes, Metrics, TrainConfig, TrainRes};
+use flotilla_protocol::secagg::SecAggConfig;
+use flotilla_protocol::{ClientId, Coordinator, CoordinatorConfig, Params};
+use flotilla_server::ServerConfig;
+use flotilla_server::config::{StrategyConfig, TrainSettings};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Where the data comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// `mnist` (a directory with the standard IDX files; Fashion-MNIST works the same) or
+    /// `bundled` (the MNIST subset shipped in the repository).
+    pub name: String,
+    /// Directory of the IDX files, for `mnist`.
+    pub dir: Option<PathBuf>,
+}
+
+/// Fault and heterogeneity injection (all seeded).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Probability that a sampled client's result is lost (it drops out after training).
+    pub dropout: f64,
+    /// Probability that any message is lost.
+    pub message_loss: f64,
+    /// Extra delay of every message, milliseconds (simulated time).
+    pub message_delay_ms: u64,
+    /// Probability that a client is a straggler (its work takes `straggler_factor` longer).
+    pub straggler_fraction: f64,
+    /// Slow-down of stragglers.
+    pub straggler_factor: f64,
+    /// Simulated seconds one local training job takes on a normal client.
+    pub compute_secs: f64,
+}
+
+/// An experiment file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Name (used in file names and titles).
+    pub name: String,
+    /// Virtual clients.
+    pub clients: usize,
+    /// Fraction of clients sampled per round (C).
+    pub fraction: f64,
+    /// Data set.
+    pub data: DataConfig,
+    /// How the training set is split among the clients.
+    pub partition: Partition,
+    /// `2nn` or `cnn`.
+    pub model: String,
+    /// Local training (epochs, batch size, learning rate, ...).
+    #[serde(default)]
+    pub train: TrainSettings,
+    /// Strategy and its parameters (`name = "fedavg"` by default).
+    #[serde(default)]
+    pub strategy: StrategyConfig,
+    /// Secure aggregation, if any.
+    pub secure_aggregation: Option<SecAggConfig>,
+    /// Differential privacy, if any.
+    pub dp: Option<DpConfig>,
+    /// Rounds to run (at most).
+    pub rounds: u64,
+    /// Stop once the test accuracy reaches this (the rounds-to-target figure uses it).
+    pub target_accuracy: Option<f64>,
+    /// Keep going after the target is reached until `rounds`.
+    #[serde(default)]
+    pub run_past_target: bool,
+    /// Seed of everything.
+    #[serde(default)]
+    pub seed: u64,
+    /// Faults and heterogeneity.
+    #[serde(default)]
+    pub faults: Faults,
+    /// Simulated seconds before a round's stragglers are cut.
+    #[serde(default = "default_round_timeout")]
+    pub round_timeout_secs: f64,
+}
+
+fn default_round_timeout() -> f64 {
+    600.0
+}
+
+impl Experiment {
+    /// Reads an experiment file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let e: Experiment =
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        anyhow::ensure!(e.clients >= 1, "clients must be at least 1");
+        anyhow::ensure!(
+            e.fraction > 0.0 && e.fraction <= 1.0,
+            "fraction must be in (0, 1]"
+        );
+        Ok(e)
+    }
+}
+
+/// One round in the metrics files.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundMetrics {
+    /// Round (0 = the initial model).
+    pub round: u64,
+    /// Test accuracy of the global model after the round.
+    pub accuracy: f64,
+    /// Test loss.
+    pub loss: f64,
+    /// Mean local training loss.
+    pub train_loss: Option<f64>,
+    /// Results aggregated.
+    pub results: usize,
+    /// Sampled clients that did not contribute.
+    pub failures: usize,
+    /// Whether the round was aborted.
+    pub aborted: bool,
+    /// ε spent so far (with DP).
+    pub epsilon: Option<f64>,
+    /// Wall-clock seconds since the start.
+    pub wall_secs: f64,
+}
+
+/// `summary.json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    /// The experiment.
+    pub experiment: Experiment,
+    /// Rounds run.
+    pub rounds: u64,
+    /// Accuracy after the last round.
+    pub final_accuracy: f64,
+    /// Best accuracy seen.
+    pub best_accuracy: f64,
+    /// Rounds to reach the target (McMahan et al.'s way: best-so-far curve, linear
+    /// interpolation at the crossing), if reached.
+    pub rounds_to_target: Option<f64>,
+    /// Wall-clock seconds.
+    pub wall_secs: f64,
+    /// Model parameters.
+    pub model_parameters: usize,
+    /// Bytes of messages the harness delivered.
+    pub bytes_delivered: u64,
+    /// Resident memory added by creating the idle virtual clients (enrolled, no model), per
+    /// client, in bytes (Linux `/proc/self/status`; `None` elsewhere).
+    pub idle_client_bytes: Option<f64>,
+    /// Median wall-clock seconds per round (rounds after the first).
+    pub secs_per_round: Option<f64>,
+}
+
+/// Resident set size of this process, from `/proc/self/status` (Linux).
+pub fn rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Rounds to reach `target` on the best-so-far accuracy curve, interpolating linearly between
+/// the last round below and the first at or above (McMahan et al. 2017). `acc[0]` is the
+/// initial model, `acc[r]` the model after round r.
+pub fn rounds_to_target(acc: &[f64], target: f64) -> Option<f64> {
+    let mut best = f64::NEG_INFINITY;
+    let mut prev = f64::NEG_INFINITY;
+    for (r, &a) in acc.iter().enumerate() {
+        best = best.max(a);
+        if best >= target {
+            if r == 0 {
+                return Some(0.0);
+            }
+            let frac = if best > prev {
+                (target - prev) / (best - prev)
+            } else {
+                1.0
+            };
+            return Some((r - 1) as f64 + frac.clamp(0.0, 1.0));
+        }
+        prev = best;
+    }
+    None
+}
+
+/// A virtual client: its example indices and a handle on the shared trainer.
+struct VirtualClient<M: Classifier> {
+    data: LocalData,
+    trainer: Rc<RefCell<BurnTrainer<M>>>,
+    compute: Duration,
+    initial: Params,
+}
+
+impl<M: Classifier> ClientBehaviour for VirtualClient<M> {
+    fn initial_params(&mut self) -> Params {
+        // The coordinator is given the initial model, so this is not asked for.
+        self.initial.clone()
+    }
+
+    fn train(&mut self, round: u64, config: &TrainConfig, model: &Params) -> TrainRes {
+        let mut t = self.trainer.borrow_mut();
+        let previous = t.set_train_data(self.data.clone());
+        let r = t.train(model, config);
+        t.set_train_data(previous);
+        match r {
+            Ok(u) => TrainRes {
+                round,
+                num_examples: u.num_examples,
+                metrics: u.metrics,
+                params: u.params,
+            },
+            Err(_) => TrainRes {
+                round,
+                num_examples: 0, // refused by the coordinator: this client drops out
+                metrics: Metrics::new(),
+                params: model.clone(),
+            },
+        }
+    }
+
+    fn evaluate(&mut self, round: u64, _model: &Params) -> EvaluateRes {
+        EvaluateRes {
+            round,
+            num_examples: 0,
+            loss: 0.0,
+            metrics: Metrics::new(),
+        }
+    }
+
+    fn compute_time(&self) -> Duration {
+        self.compute
+    }
+}
+
+fn load_data(c: &DataConfig) -> anyhow::Result<(Dataset, Dataset)> {
+    Ok(match c.name.as_str() {
+        "bundled" => (bundled::mnist(Split::Train)?, bundled::mnist(Split::Test)?),
+        "mnist" | "fashion-mnist" => {
+            let dir = c
+                .dir
+                .as_ref()
+                .context("data.dir is needed for mnist (the directory with the IDX files)")?;
+            (
+                load_idx_dir(dir, Split::Train)?,
+                load_idx_dir(dir, Split::Test)?,
+            )
+        }
+        other => anyhow::bail!("unknown data set {other:?} (bundled, mnist, fashion-mnist)"),
+    })
+}
+
+/// Runs `exp`, writing its outputs into `out`. `progress`: show a progress bar.
+pub fn run(exp: &Experiment, out: &Path, progress: bool) -> anyhow::Result<Summary> {
+    match exp.model.to_ascii_lowercase().as_str() {
+        "2nn" | "mlp" => run_model(exp, out, progress, |f, d| Mlp2nn::new(f, 10, d)),
+        "cnn" => run_model(exp, out, progress, |_, d| Cnn::new(28, 10, d)),
+        other => anyhow::bail!("unknown model {other:?} (2nn, cnn)"),
+    }
+}
+
+fn run_model<M: Classifier + 'static>(
+    exp: &Experiment,
+    out: &Path,
+    progress: bool,
+    make: impl Fn(usize, &flotilla_client::Device) -> M,
+) -> anyhow::Result<Summary> {
+    let start = Instant::now();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let (train, test) = load_data(&exp.data)?;
+    let parts = exp
+        .partition
+        .split(&train.labels, train.num_classes, exp.clients, exp.seed)?;
+    let (device, _) = select_device(BackendKind::Cpu);
+    device.seed(exp.seed);
+    let features = train.features();
+    let shared = Rc::new(RefCell::new(BurnTrainer::new(
+        make(features, &device),
+        LocalData::all(train.head(1)),
+        None,
+    )?));
+    let mut evaluator =
+        BurnTrainer::new(make(features, &device), LocalData::all(train.head(1)), None)?;
+    let test_all = LocalData::all(test);
+    let initial = shared.borrow_mut().initial_params()?;
+    let params = initial.len();
+
+    let mut server = ServerConfig {
+        strategy: exp.strategy.clone(),
+        train: exp.train.clone(),
+        ..ServerConfig::default()
+    };
+    server.strategy.fraction_train = exp.fraction;
+    server.strategy.min_train_clients = server.strategy.min_train_clients.min(exp.clients);
+    server.strategy.fraction_evaluate = 0.0;
+    server.strategy.min_evaluate_clients = 0;
+    server.train.seed = exp.seed;
+    server.dp = exp.dp.clone();
+    let coordinator = Coordinator::new(
+        CoordinatorConfig {
+            num_rounds: exp.rounds,
+            min_available_clients: exp.clients,
+            min_train_results: 1,
+            round_timeout: Duration::from_secs_f64(exp.round_timeout_secs),
+            idle_timeout: None,
+            evaluate_every: 0,
+            seed: exp.seed,
+            secure_aggregation: exp.secure_aggregation.clone(),
+            dp: exp.dp.clone(),
+            ..CoordinatorConfig::default()
+        },
+        server.strategy()?,
+        Some(initial.clone()),
+    )?;
+    let mut h = Harness::new(coordinator, exp.seed);
+    let f = exp.faults.clone();
+    if f.dropout > 0.0 || f.message_loss > 0.0 || f.message_delay_ms > 0 {
+        let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0xF417);
+        h.set_filter(Box::new(move |env| {
+            let lost = rng.random_bool(f.message_loss.clamp(0.0, 1.0));
+            let dropped = env.direction == Direction::ToServer
+                && matches!(env.message.kind(), "TrainResult" | "MaskedInput")
+                && rng.random_bool(f.dropout.clamp(0.0, 1.0));
+            if lost || dropped {
+                Action::Drop
+            } else if f.message_delay_ms > 0 {
+                Action::Delay(Duration::from_millis(f.message_delay_ms))
+            } else {
+                Action::Deliver
+            }
+        }));
+    }
+    let rss_before = rss_bytes();
+    let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0x5EED);
+    let compute = Duration::from_secs_f64(if exp.faults.compute_secs > 0.0 {
+        exp.faults.compute_secs
+    } else {
+        1.0
+    });
+    for (i, idx) in parts.into_iter().enumerate() {
+        let slow = rng.random_bool(exp.faults.straggler_fraction.clamp(0.0, 1.0));
+        let c = VirtualClient {
+            data: LocalData::subset(train.clone(), idx)?,
+            trainer: shared.clone(),
+            initial: initial.clone(),
+            compute: if slow {
+                compute.mul_f64(exp.faults.straggler_factor.max(1.0))
+            } else {
+                compute
+            },
+        };
+        h.add_client(ClientId::new(format!("client-{i:05}")), Box::new(c));
+    }
+    // What the idle clients cost: their state machines, their example indices, their queued
+    // hello (measured before the first round puts models in flight).
+    let idle_client_bytes = match (rss_before, rss_bytes()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / exp.clients as f64),
+        _ => None,
+    };
+
+    let bar = progress.then(|| {
+        let b = indicatif::ProgressBar::new(exp.rounds);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} round {pos}/{len} [{bar:30}] {elapsed_precise} (eta {eta}) {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut rows = Vec::new();
+    let e0 = evaluator.evaluate_on(&initial, &test_all)?;
+    rows.push(RoundMetrics {
+        round: 0,
+        accuracy: e0.accuracy,
+        loss: e0.loss,
+        train_loss: None,
+        results: 0,
+        failures: 0,
+        aborted: false,
+        epsilon: None,
+        wall_secs: start.elapsed().as_secs_f64(),
+    });
+    let mut cursor = 0usize;
+    let mut seen_rounds = BTreeSet::new();
+    loop {
+        let mut ended = None;
+        let progressed = h.run_until(Duration::from_secs(u64::MAX / 4), |h| {
+            while let Some((_, ev)) = h.events.get(cursor) {
+                cursor += 1;
+                match ev {
+                    Event::RoundCompleted(r) | Event::RoundAborted(r) => {
+                        ended = Some(r.clone());
+                        return true;
+                    }
+                    Event::Finished => return true,
+                    _ => {}
+                }
+            }
+            false
+        });
+        let Some(record) = ended else {
+            // Finished (all rounds done, or the privacy budget), or nothing left to do.
+            let _ = progressed;
+            break;
+        };
+        if !seen_rounds.insert(record.round) {
+            continue;
+        }
+        let global = h.coordinator.global().context("no model")?.clone();
+        let e = evaluator.evaluate_on(&global, &test_all)?;
+        let row = RoundMetrics {
+            round: record.round,
+            accuracy: e.accuracy,
+            loss: e.loss,
+            train_loss: record.train_metrics.get("train_loss").copied(),
+            results: record.results,
+            failures: record.failures.len(),
+            aborted: record.aborted.is_some(),
+            epsilon: record.privacy.as_ref().map(|p| p.epsilon),
+            wall_secs: start.elapsed().as_secs_f64(),
+        };
+        let line = format!(
+            "round {}: accuracy {:.4}, loss {:.4}, {} results{}",
+            row.round,
+            row.accuracy,
+            row.loss,
+            row.results,
+            row.epsilon
+                .map(|e| format!(", ε {e:.3}"))
+                .unwrap_or_default()
+        );
+        match &bar {
+            Some(b) => {
+                b.set_position(row.round);
+                b.set_message(format!("accuracy {:.4}", row.accuracy));
+            }
+            None => println!("{line}"),
+        }
+        let reached = exp.target_accuracy.is_some_and(|t| row.accuracy >= t);
+        rows.push(row);
+        if reached && !exp.run_past_target {
+            break;
+        }
+        if h.coordinator.is_finished() {
+            break;
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let acc: Vec<f64> = rows.iter().map(|r| r.accuracy).collect();
+    let mut per_round: Vec<f64> = rows
+        .windows(2)
+        .skip(1)
+        .filter_map(|w| Some(w.get(1)?.wall_secs - w.first()?.wall_secs))
+        .collect();
+    per_round.sort_by(f64::total_cmp);
+    let summary = Summary {
+        experiment: exp.clone(),
+        rounds: rows.last().map_or(0, |r| r.round),
+        final_accuracy: acc.last().copied().unwrap_or(0.0),
+        best_accuracy: acc.iter().copied().fold(0.0, f64::max),
+        rounds_to_target: exp.target_accuracy.and_then(|t| rounds_to_target(&acc, t)),
+        wall_secs: start.elapsed().as_secs_f64(),
+        model_parameters: params,
+        bytes_delivered: h.stats.bytes,
+        idle_client_bytes,
+        secs_per_round: per_round.get(per_round.len() / 2).copied(),
+    };
+    write_outputs(out, exp, &rows, &summary)?;
+    Ok(summary)
+}
+
+fn write_outputs(
+    out: &Path,
+    exp: &Experiment,
+    rows: &[RoundMetrics],
+    summary: &Summary,
+) -> anyhow::Result<()> {
+    let mut csv =
+        String::from("round,accuracy,loss,train_loss,results,failures,aborted,epsilon,wall_secs\n");
+    for r in rows {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{:.3}\n",
+            r.round,
+            r.accuracy,
+            r.loss,
+            r.train_loss.map(|v| v.to_string()).unwrap_or_default(),
+            r.results,
+            r.failures,
+            r.aborted,
+            r.epsilon.map(|v| v.to_string()).unwrap_or_default(),
+            r.wall_secs
+        ));
+    }
+    std::fs::write(out.join("metrics.csv"), csv)?;
+    std::fs::write(
+        out.join("metrics.json"),
+        serde_json::to_string_pretty(rows)?,
+    )?;
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(summary)?,
+    )?;
+    crate::plot::curves(out, &exp.name, rows, exp.target_accuracy)?;
+    Ok(())
+}

@@ -21,12 +21,15 @@ use flotilla_client::partition::Partition;
 use flotilla_client::{
     BackendKind, BurnTrainer, Classifier, Cnn, LocalData, Mlp2nn, Trainer, select_device,
 };
+use flotilla_crypto::pki::{CertificateAuthority, Identity};
+use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
 use flotilla_protocol::coordinator::Event;
 use flotilla_protocol::dp::DpConfig;
 use flotilla_protocol::harness::{Action, ClientBehaviour, Direction, Harness};
+use flotilla_protocol::messages::Capabilities;
 use flotilla_protocol::messages::{EvaluateRes, Metrics, TrainConfig, TrainRes};
-use flotilla_protocol::secagg::SecAggConfig;
-use flotilla_protocol::{ClientId, Coordinator, CoordinatorConfig, Params};
+use flotilla_protocol::secagg::{Randomness, SecAggConfig, SecAggIdentity};
+use flotilla_protocol::{ClientId, Coordinator, CoordinatorConfig, Params, Participant};
 use flotilla_server::ServerConfig;
 use flotilla_server::config::{StrategyConfig, TrainSettings};
 use rand::{Rng, SeedableRng};
@@ -257,6 +260,23 @@ impl<M: Classifier> ClientBehaviour for VirtualClient<M> {
     }
 }
 
+/// Certificates for `n` simulated clients from a throwaway CA, as SecAgg identities.
+fn secagg_identities(n: usize) -> anyhow::Result<Vec<SecAggIdentity>> {
+    let ca = CertificateAuthority::generate("Flotilla simulation CA", 1)?;
+    let ca_der = ca.cert_der()?;
+    let verifier = PeerVerifier::new(std::slice::from_ref(&ca_der), Vec::new())?;
+    (0..n)
+        .map(|i| {
+            let ident = Identity::from_issued(&ca.issue_client(&format!("client-{i:05}"), 1)?)?;
+            Ok(SecAggIdentity {
+                signer: Signer::from_identity(&ident)?,
+                certificate: ident.leaf()?.to_vec(),
+                verifier: verifier.clone(),
+            })
+        })
+        .collect()
+}
+
 fn load_data(c: &DataConfig) -> anyhow::Result<(Dataset, Dataset)> {
     Ok(match c.name.as_str() {
         "bundled" => (bundled::mnist(Split::Train)?, bundled::mnist(Split::Test)?),
@@ -342,8 +362,19 @@ fn run_model<M: Classifier + 'static>(
         let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0xF417);
         h.set_filter(Box::new(move |env| {
             let lost = rng.random_bool(f.message_loss.clamp(0.0, 1.0));
+            // A client's message of any phase of a round may be its last: with secure
+            // aggregation that is a dropout at key advertisement, key sharing, masked input
+            // or unmasking; in plain rounds, a lost result.
             let dropped = env.direction == Direction::ToServer
-                && matches!(env.message.kind(), "TrainResult" | "MaskedInput")
+                && matches!(
+                    env.message.kind(),
+                    "TrainResult"
+                        | "AdvertiseKeys"
+                        | "ShareKeys"
+                        | "MaskedInput"
+                        | "SurvivorsSigned"
+                        | "UnmaskShares"
+                )
                 && rng.random_bool(f.dropout.clamp(0.0, 1.0));
             if lost || dropped {
                 Action::Drop
@@ -354,6 +385,12 @@ fn run_model<M: Classifier + 'static>(
             }
         }));
     }
+    // Secure aggregation needs every client to hold a certificate of the federation.
+    let identities = match &exp.secure_aggregation {
+        Some(_) => Some(secagg_identities(exp.clients)?),
+        None => None,
+    };
+    let mut identities = identities.map(Vec::into_iter);
     let rss_before = rss_bytes();
     let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0x5EED);
     let compute = Duration::from_secs_f64(if exp.faults.compute_secs > 0.0 {
@@ -373,7 +410,22 @@ fn run_model<M: Classifier + 'static>(
                 compute
             },
         };
-        h.add_client(ClientId::new(format!("client-{i:05}")), Box::new(c));
+        let id = ClientId::new(format!("client-{i:05}"));
+        match identities.as_mut().and_then(Iterator::next) {
+            Some(identity) => {
+                let p = Participant::new(Capabilities {
+                    backend: "sim".into(),
+                    ..Capabilities::default()
+                })
+                .with_secure_aggregation(
+                    identity,
+                    // Reproducible runs: seeded (and therefore insecure) SecAgg randomness.
+                    Randomness::InsecureDeterministic(exp.seed.wrapping_add(i as u64)),
+                );
+                h.add_participant(id, p, Box::new(c));
+            }
+            None => h.add_client(id, Box::new(c)),
+        }
     }
     // What the idle clients cost: their state machines, their example indices, their queued
     // hello (measured before the first round puts models in flight).

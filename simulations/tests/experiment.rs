@@ -89,3 +89,28 @@ fn an_experiment_is_reproducible_from_its_seed_and_writes_its_reports() {
     run(&other, c_dir.path(), false).unwrap();
     assert_ne!(csv(a_dir.path()), csv(c_dir.path()));
 }
+
+#[test]
+fn experiments_run_with_secure_aggregation_and_differential_privacy() {
+    let mut e = small("secure");
+    e.clients = 10;
+    e.fraction = 0.6;
+    e.rounds = 2;
+    e.faults = Default::default();
+    e.secure_aggregation = Some(toml::from_str("neighbours = 4\nthreshold = 3").unwrap());
+    // Little noise (σ = 0.01): with 6 clients a meaningful σ would drown a 199,210-parameter
+    // model; this checks that clipping, noise, masking and accounting work together.
+    e.dp = Some(toml::from_str("mode = \"client\"\nclip = 1.0\nnoise_multiplier = 0.01").unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let s = run(&e, dir.path(), false).unwrap();
+    assert_eq!(s.rounds, 2);
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("metrics.json")).unwrap())
+            .unwrap();
+    for r in rows.as_array().unwrap().iter().skip(1) {
+        assert_eq!(r["results"], 6, "{r}");
+        assert_eq!(r["aborted"], false);
+        assert!(r["epsilon"].as_f64().unwrap() > 0.0);
+    }
+    assert!(s.final_accuracy > 0.3, "{}", s.final_accuracy);
+}

@@ -29,7 +29,9 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 use crate::messages::{ClientId, EvaluateRes, TrainConfig};
 use crate::params::Params;
-use crate::strategy::{ClientInfo, EvalSummary, Failure, Strategy, TrainResults, WeightedSum};
+use crate::strategy::{
+    ClientInfo, EvalSummary, Failure, Strategy, TrainResults, WeightedSum, delegate_to,
+};
 
 /// Where the noise is added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -245,32 +247,7 @@ impl Strategy for DpServer {
         true
     }
 
-    fn configure_train(
-        &mut self,
-        round: u64,
-        clients: &[ClientInfo],
-        rng: &mut dyn RngCore,
-    ) -> Vec<(ClientId, TrainConfig)> {
-        self.inner.configure_train(round, clients, rng)
-    }
-
-    fn configure_evaluate(
-        &mut self,
-        round: u64,
-        clients: &[ClientInfo],
-        rng: &mut dyn RngCore,
-    ) -> Vec<ClientId> {
-        self.inner.configure_evaluate(round, clients, rng)
-    }
-
-    fn aggregate_evaluate(
-        &mut self,
-        round: u64,
-        results: &[(ClientId, EvaluateRes)],
-        failures: &[Failure],
-    ) -> Option<EvalSummary> {
-        self.inner.aggregate_evaluate(round, results, failures)
-    }
+    delegate_to!(inner);
 
     fn aggregate_train(
         &mut self,

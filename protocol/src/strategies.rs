@@ -24,39 +24,8 @@ use crate::messages::{ClientId, EvaluateRes, TrainConfig};
 use crate::params::Params;
 use crate::strategy::{
     ClientInfo, ClientUpdate, EvalSummary, Failure, FedAvg, Strategy, TrainResults, WeightedSum,
+    delegate_to,
 };
-
-/// Delegates sampling, client configuration and evaluation to `self.base` (a [`FedAvg`]).
-macro_rules! delegate_base {
-    () => {
-        fn configure_train(
-            &mut self,
-            round: u64,
-            clients: &[ClientInfo],
-            rng: &mut dyn RngCore,
-        ) -> Vec<(ClientId, TrainConfig)> {
-            self.base.configure_train(round, clients, rng)
-        }
-
-        fn configure_evaluate(
-            &mut self,
-            round: u64,
-            clients: &[ClientInfo],
-            rng: &mut dyn RngCore,
-        ) -> Vec<ClientId> {
-            self.base.configure_evaluate(round, clients, rng)
-        }
-
-        fn aggregate_evaluate(
-            &mut self,
-            round: u64,
-            results: &[(ClientId, EvaluateRes)],
-            failures: &[Failure],
-        ) -> Option<EvalSummary> {
-            self.base.aggregate_evaluate(round, results, failures)
-        }
-    };
-}
 
 /// The weighted mean of the round (from a sum or from individual updates), `None` if empty.
 fn weighted_mean(results: TrainResults<'_>) -> Result<Option<Params>, Error> {
@@ -122,7 +91,7 @@ impl Strategy for FedAvgM {
     fn name(&self) -> &str {
         "fedavgm"
     }
-    delegate_base!();
+    delegate_to!(base);
 
     fn aggregate_train(
         &mut self,
@@ -194,7 +163,7 @@ impl Strategy for FedProx {
     fn name(&self) -> &str {
         "fedprox"
     }
-    delegate_base!();
+    delegate_to!(base);
 
     fn aggregate_train(
         &mut self,
@@ -275,7 +244,7 @@ impl Strategy for FedOpt {
             ServerOptimizer::Yogi => "fedyogi",
         }
     }
-    delegate_base!();
+    delegate_to!(base);
 
     fn aggregate_train(
         &mut self,
@@ -365,7 +334,7 @@ impl Strategy for QFedAvg {
     fn needs_individual_updates(&self) -> bool {
         true
     }
-    delegate_base!();
+    delegate_to!(base);
 
     fn aggregate_train(
         &mut self,
@@ -464,7 +433,7 @@ impl Strategy for FedMedian {
     fn needs_individual_updates(&self) -> bool {
         true
     }
-    delegate_base!();
+    delegate_to!(base);
 
     fn aggregate_train(
         &mut self,
@@ -500,7 +469,7 @@ impl Strategy for FedTrimmedAvg {
     fn needs_individual_updates(&self) -> bool {
         true
     }
-    delegate_base!();
+    delegate_to!(base);
 
     fn aggregate_train(
         &mut self,
@@ -617,7 +586,7 @@ impl Strategy for Krum {
     fn needs_individual_updates(&self) -> bool {
         true
     }
-    delegate_base!();
+    delegate_to!(base);
 
     fn aggregate_train(
         &mut self,
@@ -666,7 +635,7 @@ impl Strategy for Bulyan {
     fn needs_individual_updates(&self) -> bool {
         true
     }
-    delegate_base!();
+    delegate_to!(base);
 
     fn aggregate_train(
         &mut self,

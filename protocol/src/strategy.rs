@@ -254,6 +254,42 @@ pub trait Strategy: Send {
     }
 }
 
+/// Implements a strategy's sampling, client configuration and evaluation by delegating them
+/// to the strategy in field `$field` (strategies that differ only in how they aggregate, and
+/// wrappers such as the server-side DP one). Needs `ClientInfo`, `ClientId`, `TrainConfig`,
+/// `EvaluateRes`, `EvalSummary`, `Failure` and `RngCore` in scope.
+macro_rules! delegate_to {
+    ($field:ident) => {
+        fn configure_train(
+            &mut self,
+            round: u64,
+            clients: &[ClientInfo],
+            rng: &mut dyn RngCore,
+        ) -> Vec<(ClientId, TrainConfig)> {
+            self.$field.configure_train(round, clients, rng)
+        }
+
+        fn configure_evaluate(
+            &mut self,
+            round: u64,
+            clients: &[ClientInfo],
+            rng: &mut dyn RngCore,
+        ) -> Vec<ClientId> {
+            self.$field.configure_evaluate(round, clients, rng)
+        }
+
+        fn aggregate_evaluate(
+            &mut self,
+            round: u64,
+            results: &[(ClientId, EvaluateRes)],
+            failures: &[Failure],
+        ) -> Option<EvalSummary> {
+            self.$field.aggregate_evaluate(round, results, failures)
+        }
+    };
+}
+pub(crate) use delegate_to;
+
 /// Federated Averaging (McMahan et al., "Communication-Efficient Learning of Deep Networks
 /// from Decentralized Data", AISTATS 2017): the new global model is the mean of the clients'
 /// models weighted by their number of training examples.

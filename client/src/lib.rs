@@ -37,7 +37,7 @@ pub mod trainer;
 pub use backend::{BackendKind, select_device};
 /// The run-time compute device (burn 0.22 selects the backend through it).
 pub use burn::tensor::Device;
-pub use models::{Classifier, Cnn, Mlp2nn, ModelKind};
+pub use models::{Classifier, Cnn, Mlp2nn, ModelKind, seeded};
 pub use trainer::{BurnTrainer, Evaluation, LocalData, LocalUpdate, Trainer};
 
 use std::path::PathBuf;

@@ -1,11 +1,35 @@
 //! The two models of McMahan et al. 2017, as Burn modules, and the trait a model implements to
 //! be trained by [`crate::BurnTrainer`].
 
-use burn::module::Module;
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu};
 use burn::tensor::{Device, Tensor};
+
+/// Builds a model whose initial weights are drawn from `seed`, repeatably.
+///
+/// Burn's device random generator is shared by the whole process, and Burn initializes
+/// parameters lazily (at first use), so two threads that seed it and build models interleave
+/// their draws. Here seeding, building and drawing every parameter happen under one lock.
+/// Every model Flotilla initializes for a seeded run goes through this.
+pub fn seeded<M: Module>(device: &Device, seed: u64, make: impl FnOnce(&Device) -> M) -> M {
+    struct Materialize;
+    impl ModuleVisitor for Materialize {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            // Forces the lazy initializer to run now.
+            let _ = param.val();
+        }
+    }
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INIT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    device.seed(seed);
+    let model = make(device);
+    model.visit(&mut Materialize);
+    model
+}
 
 /// A classifier the trainer can train: flat features in, class logits out.
 ///

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use flotilla_client::data::{Split, load_idx_dir};
-use flotilla_client::{BurnTrainer, Classifier, Cnn, LocalData, Mlp2nn, Trainer};
+use flotilla_client::{BurnTrainer, Classifier, Cnn, Device, LocalData, Mlp2nn, Trainer, seeded};
 use flotilla_protocol::messages::{BatchSize, Optimizer, TrainConfig};
 
 fn mnist_dir() -> PathBuf {
@@ -19,8 +19,13 @@ fn mnist_dir() -> PathBuf {
         })
 }
 
-fn train_central<M: Classifier>(model: M, epochs: u32, batch: u32, lr: f64) -> f64 {
-    burn::tensor::Device::flex().seed(7);
+fn train_central<M: Classifier>(
+    make: impl FnOnce(&Device) -> M,
+    epochs: u32,
+    batch: u32,
+    lr: f64,
+) -> f64 {
+    let model = seeded(&Device::flex(), 7, make);
     let train = load_idx_dir(&mnist_dir(), Split::Train).unwrap();
     let test = load_idx_dir(&mnist_dir(), Split::Test).unwrap();
     let mut t = BurnTrainer::new(model, LocalData::all(train), Some(LocalData::all(test))).unwrap();
@@ -73,14 +78,12 @@ fn loader_reads_the_real_mnist() {
 
 #[test]
 fn cnn_one_epoch_reaches_97_percent() {
-    let d = burn::tensor::Device::flex();
-    let acc = train_central(Cnn::new(28, 10, &d), 1, 32, 0.02);
+    let acc = train_central(|d| Cnn::new(28, 10, d), 1, 32, 0.02);
     assert!(acc >= 0.97, "CNN accuracy {acc}");
 }
 
 #[test]
 fn mlp_2nn_reaches_95_percent() {
-    let d = burn::tensor::Device::flex();
-    let acc = train_central(Mlp2nn::new(784, 10, &d), 3, 32, 0.05);
+    let acc = train_central(|d| Mlp2nn::new(784, 10, d), 3, 32, 0.05);
     assert!(acc >= 0.95, "2NN accuracy {acc}");
 }

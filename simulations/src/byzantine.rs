@@ -12,7 +12,9 @@ use std::time::Duration;
 use anyhow::Context;
 use flotilla_client::data::{Split, bundled};
 use flotilla_client::partition::Partition;
-use flotilla_client::{BackendKind, BurnTrainer, LocalData, Mlp2nn, Trainer, select_device};
+use flotilla_client::{
+    BackendKind, BurnTrainer, LocalData, Mlp2nn, Trainer, seeded, select_device,
+};
 use flotilla_protocol::harness::Harness;
 use flotilla_protocol::{ClientId, Coordinator, CoordinatorConfig};
 use flotilla_server::ServerConfig;
@@ -88,10 +90,9 @@ pub fn run_one(opts: &Options, strategy: &str, attacked: bool) -> anyhow::Result
     let test = bundled::mnist(Split::Test)?;
     let parts = Partition::Iid.split(&train.labels, 10, opts.clients, opts.seed)?;
     let (device, _) = select_device(BackendKind::Cpu);
-    device.seed(opts.seed);
     let features = train.features();
     let mut evaluator = BurnTrainer::new(
-        Mlp2nn::new(features, 10, &device),
+        seeded(&device, opts.seed, |d| Mlp2nn::new(features, 10, d)),
         LocalData::all(train.head(1)),
         Some(LocalData::all(test)),
     )?;
@@ -114,7 +115,7 @@ pub fn run_one(opts: &Options, strategy: &str, attacked: bool) -> anyhow::Result
     let mut h = Harness::new(coordinator, opts.seed);
     for (i, idx) in parts.into_iter().enumerate() {
         let trainer = BurnTrainer::new(
-            Mlp2nn::new(features, 10, &device),
+            seeded(&device, opts.seed, |d| Mlp2nn::new(features, 10, d)),
             LocalData::subset(train.clone(), idx)?,
             None,
         )?;

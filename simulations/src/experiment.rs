@@ -19,7 +19,7 @@ use anyhow::Context;
 use flotilla_client::data::{Dataset, Split, bundled, load_idx_dir};
 use flotilla_client::partition::Partition;
 use flotilla_client::{
-    BackendKind, BurnTrainer, Classifier, Cnn, LocalData, Mlp2nn, Trainer, select_device,
+    BackendKind, BurnTrainer, Classifier, Cnn, LocalData, Mlp2nn, Trainer, seeded, select_device,
 };
 use flotilla_crypto::pki::{CertificateAuthority, Identity};
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
@@ -316,15 +316,14 @@ fn run_model<M: Classifier + 'static>(
         .partition
         .split(&train.labels, train.num_classes, exp.clients, exp.seed)?;
     let (device, _) = select_device(BackendKind::Cpu);
-    device.seed(exp.seed);
     let features = train.features();
+    let init = || seeded(&device, exp.seed, |d| make(features, d));
     let shared = Rc::new(RefCell::new(BurnTrainer::new(
-        make(features, &device),
+        init(),
         LocalData::all(train.head(1)),
         None,
     )?));
-    let mut evaluator =
-        BurnTrainer::new(make(features, &device), LocalData::all(train.head(1)), None)?;
+    let mut evaluator = BurnTrainer::new(init(), LocalData::all(train.head(1)), None)?;
     let test_all = LocalData::all(test);
     let initial = shared.borrow_mut().initial_params()?;
     let params = initial.len();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use flotilla_client::data::{Split, bundled};
 use flotilla_client::partition::Partition;
-use flotilla_client::{BackendKind, BurnTrainer, Cnn, LocalData, select_device};
+use flotilla_client::{BackendKind, BurnTrainer, Cnn, LocalData, seeded, select_device};
 use flotilla_protocol::coordinator::{Event, RoundRecord};
 use flotilla_protocol::secagg::SecAggConfig;
 use serde::Serialize;
@@ -167,8 +167,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     let addr = server.local_addr;
 
     let (device, used) = select_device(opts.backend);
-    // Seeded weight initialization, so that a run is repeatable.
-    device.seed(opts.seed);
     // One training job at a time: Burn's flex backend already uses every core for one job.
     let gate = Gate::new(1);
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -180,7 +178,13 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
             train_parts.get(i).cloned().unwrap_or_default(),
         )?;
         let te = LocalData::subset(test.clone(), test_parts.get(i).cloned().unwrap_or_default())?;
-        let trainer = BurnTrainer::new(Cnn::new(28, 10, &device), tr, Some(te))?;
+        let trainer = BurnTrainer::new(
+            // Every client starts from the same seeded weights, so whichever one the server
+            // asks for the initial model, the run is repeatable.
+            seeded(&device, opts.seed, |d| Cnn::new(28, 10, d)),
+            tr,
+            Some(te),
+        )?;
         params = trainer.manifest().numel() as usize;
         let mut o = client_options(&pki, id, addr)?;
         o.capabilities.backend = used.to_string();

@@ -69,12 +69,50 @@ pub enum Action {
 /// Fault injection: decides the fate of each message.
 pub type Filter = Box<dyn FnMut(&Envelope<'_>) -> Action>;
 
+/// A training result now, or one that work on other threads will produce.
+pub enum Deferred<T> {
+    /// Already computed.
+    Ready(T),
+    /// Computed elsewhere; called (and may block) when the simulated compute time is over.
+    Later(Box<dyn FnOnce() -> T>),
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for Deferred<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Deferred::Ready(t) => f.debug_tuple("Ready").field(t).finish(),
+            Deferred::Later(_) => f.write_str("Later(..)"),
+        }
+    }
+}
+
+impl<T> Deferred<T> {
+    fn resolve(self) -> T {
+        match self {
+            Deferred::Ready(t) => t,
+            Deferred::Later(f) => f(),
+        }
+    }
+}
+
 /// How a simulated client trains and evaluates.
 pub trait ClientBehaviour {
     /// Parameters it offers when the server has no model yet.
     fn initial_params(&mut self) -> Params;
     /// Local training.
     fn train(&mut self, round: u64, config: &TrainConfig, model: &Params) -> TrainRes;
+    /// Starts local training. The harness collects the result only when the client's simulated
+    /// compute time has passed, so every client sampled at one instant has started before any
+    /// result is waited for: a behaviour that hands the work to a thread pool trains them in
+    /// parallel. By default, trains at once with [`ClientBehaviour::train`].
+    fn start_train(
+        &mut self,
+        round: u64,
+        config: &TrainConfig,
+        model: Params,
+    ) -> Deferred<TrainRes> {
+        Deferred::Ready(self.train(round, config, &model))
+    }
     /// Local evaluation.
     fn evaluate(&mut self, round: u64, model: &Params) -> EvaluateRes;
     /// Simulated time the work takes.
@@ -132,7 +170,7 @@ impl ClientBehaviour for FixedDelta {
 }
 
 enum Job {
-    Train(TrainRes),
+    Train(Deferred<TrainRes>),
     Evaluate(EvaluateRes),
 }
 
@@ -427,7 +465,7 @@ impl Harness {
                     ..
                 } => {
                     node.job_gen += 1;
-                    let res = node.behaviour.train(round, &config, &model);
+                    let res = node.behaviour.start_train(round, &config, model);
                     jobs.push((node.behaviour.compute_time(), node.job_gen, Job::Train(res)));
                 }
                 ParticipantEvent::Evaluate { round, model, .. } => {
@@ -542,7 +580,7 @@ impl Harness {
                 {
                     // A stale result (round closed meanwhile) is refused by the machine.
                     let _ = match job {
-                        Job::Train(r) => n.participant.submit_train(r),
+                        Job::Train(r) => n.participant.submit_train(r.resolve()),
                         Job::Evaluate(r) => n.participant.submit_evaluation(r),
                     };
                     self.flush_node(&id);

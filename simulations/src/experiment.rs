@@ -1,18 +1,23 @@
 //! `flotilla-sim run <experiment.toml>`: many virtual clients on one machine, driving the very
-//! round machines the server and clients run in production, in memory.
+//! round machines the server and clients run in production.
+//!
+//! Two transports: `memory` runs the sans-IO coordinator and participants on the in-memory
+//! harness in simulated time (message loss, delay and per-phase dropouts can be injected);
+//! `quic` starts the real server and one real client per virtual client, each with its own
+//! certificate and QUIC connection over loopback.
 //!
 //! Virtual clients are cheap while idle: each holds only the indices of its examples into the
-//! one shared, read-only data set, and its protocol state machine. Training goes through one
-//! shared Burn trainer (one model in memory), which burn's `flex` backend runs on every core;
-//! the harness hands it one client at a time. The global model is evaluated centrally on the
-//! test set after every round (as in McMahan et al.), and the run writes per-round metrics
-//! (CSV, JSON), accuracy and loss curves (SVG, PNG) and a summary with the rounds needed to
-//! reach the target accuracy.
+//! one shared, read-only data set, and its protocol state machine (plus, over QUIC, its
+//! connection). Training runs on a bounded [`TrainerPool`] of workers (one per core by
+//! default), each holding one model; the clients sampled in a round queue their jobs together
+//! and the workers train them in parallel. The global model is evaluated centrally on the test
+//! set after every round (as in McMahan et al.), and the run writes per-round metrics (CSV,
+//! JSON), accuracy and loss curves (SVG, PNG) and a summary with the rounds needed to reach
+//! the target accuracy.
 
-use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -25,16 +30,19 @@ use flotilla_crypto::pki::{CertificateAuthority, Identity};
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
 use flotilla_protocol::coordinator::Event;
 use flotilla_protocol::dp::DpConfig;
-use flotilla_protocol::harness::{Action, ClientBehaviour, Direction, Harness};
+use flotilla_protocol::harness::{Action, ClientBehaviour, Deferred, Direction, Harness};
 use flotilla_protocol::messages::Capabilities;
 use flotilla_protocol::messages::{EvaluateRes, Metrics, TrainConfig, TrainRes};
 use flotilla_protocol::secagg::{Randomness, SecAggConfig, SecAggIdentity};
-use flotilla_protocol::{ClientId, Coordinator, CoordinatorConfig, Params, Participant};
+use flotilla_protocol::{ClientId, Coordinator, Params, Participant, RoundRecord};
 use flotilla_server::ServerConfig;
 use flotilla_server::config::{StrategyConfig, TrainSettings};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+
+use crate::federation::{client_options, make_pki, server_config};
+use crate::pool::{PooledTrainer, TrainerPool, default_workers};
 
 /// Where the data comes from.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,12 +55,34 @@ pub struct DataConfig {
     pub dir: Option<PathBuf>,
 }
 
+/// Per-phase dropout probabilities: the chance that a client's message of that phase is its
+/// last of the round (it goes silent, and the server times it out). In-memory transport only.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PhaseDropout {
+    /// The training result of a plain round.
+    pub train: f64,
+    /// SecAgg+ key advertisement.
+    pub advertise_keys: f64,
+    /// SecAgg+ encrypted shares.
+    pub share_keys: f64,
+    /// SecAgg+ masked input (the training result of a secure round).
+    pub masked_input: f64,
+    /// SecAgg+ signed survivor list.
+    pub survivors: f64,
+    /// SecAgg+ unmasking shares.
+    pub unmask: f64,
+}
+
 /// Fault and heterogeneity injection (all seeded).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
-    /// Probability that a sampled client's result is lost (it drops out after training).
+    /// Probability that a client drops out at each phase of a round (in-memory: its message
+    /// of that phase is lost; over QUIC: a sampled client fails its training).
     pub dropout: f64,
+    /// Extra dropout probability at one phase (in-memory transport), on top of `dropout`.
+    pub dropout_at: PhaseDropout,
     /// Probability that any message is lost.
     pub message_loss: f64,
     /// Extra delay of every message, milliseconds (simulated time).
@@ -63,6 +93,41 @@ pub struct Faults {
     pub straggler_factor: f64,
     /// Simulated seconds one local training job takes on a normal client.
     pub compute_secs: f64,
+}
+
+impl Faults {
+    fn any_dropout(&self) -> bool {
+        self.dropout > 0.0 || self.dropout_at != PhaseDropout::default()
+    }
+
+    /// Probability that a client's message of this kind is its last of the round.
+    fn dropout_for(&self, kind: &str) -> f64 {
+        let d = &self.dropout_at;
+        let phase = match kind {
+            "TrainResult" => d.train,
+            "AdvertiseKeys" => d.advertise_keys,
+            "ShareKeys" => d.share_keys,
+            "MaskedInput" => d.masked_input,
+            "SurvivorsSigned" => d.survivors,
+            "UnmaskShares" => d.unmask,
+            _ => return 0.0, // hello, heartbeats, evaluation: not a round phase
+        };
+        let keep = (1.0 - self.dropout.clamp(0.0, 1.0)) * (1.0 - phase.clamp(0.0, 1.0));
+        (1.0 - keep).clamp(0.0, 1.0)
+    }
+}
+
+/// How the virtual clients reach the server.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// The sans-IO machines on the in-memory harness, in simulated time (fast, scales to
+    /// tens of thousands of clients, supports message loss and delay).
+    #[default]
+    Memory,
+    /// A real server and one real client per virtual client, each with its own certificate and
+    /// QUIC connection over loopback, in real time.
+    Quic,
 }
 
 /// An experiment file.
@@ -104,6 +169,12 @@ pub struct Experiment {
     /// Faults and heterogeneity.
     #[serde(default)]
     pub faults: Faults,
+    /// `memory` (default) or `quic`.
+    #[serde(default)]
+    pub transport: Transport,
+    /// Training workers (each holds one model); default: one per core.
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// Simulated seconds before a round's stragglers are cut.
     #[serde(default = "default_round_timeout")]
     pub round_timeout_secs: f64,
@@ -146,6 +217,9 @@ pub struct RoundMetrics {
     pub failures: usize,
     /// Whether the round was aborted.
     pub aborted: bool,
+    /// Why, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abort_reason: Option<String>,
     /// ε spent so far (with DP).
     pub epsilon: Option<f64>,
     /// Wall-clock seconds since the start.
@@ -170,7 +244,10 @@ pub struct Summary {
     pub wall_secs: f64,
     /// Model parameters.
     pub model_parameters: usize,
-    /// Bytes of messages the harness delivered.
+    /// Training workers used.
+    pub training_workers: usize,
+    /// Bytes of protocol messages delivered (in memory: by the harness; over QUIC: sent and
+    /// received by the server).
     pub bytes_delivered: u64,
     /// Resident memory added by creating the idle virtual clients (enrolled, no model), per
     /// client, in bytes (Linux `/proc/self/status`; `None` elsewhere).
@@ -211,39 +288,58 @@ pub fn rounds_to_target(acc: &[f64], target: f64) -> Option<f64> {
     None
 }
 
-/// A virtual client: its example indices and a handle on the shared trainer.
-struct VirtualClient<M: Classifier> {
+/// A virtual client: its example indices and a handle on the shared training pool.
+struct VirtualClient {
     data: LocalData,
-    trainer: Rc<RefCell<BurnTrainer<M>>>,
+    pool: Arc<TrainerPool>,
     compute: Duration,
     initial: Params,
 }
 
-impl<M: Classifier> ClientBehaviour for VirtualClient<M> {
+fn train_res(round: u64, model: &Params, r: crate::pool::JobResult) -> TrainRes {
+    match r {
+        Ok(u) => TrainRes {
+            round,
+            num_examples: u.num_examples,
+            metrics: u.metrics,
+            params: u.params,
+        },
+        Err(_) => TrainRes {
+            round,
+            num_examples: 0, // refused by the coordinator: this client drops out
+            metrics: Metrics::new(),
+            params: model.clone(),
+        },
+    }
+}
+
+impl ClientBehaviour for VirtualClient {
     fn initial_params(&mut self) -> Params {
         // The coordinator is given the initial model, so this is not asked for.
         self.initial.clone()
     }
 
     fn train(&mut self, round: u64, config: &TrainConfig, model: &Params) -> TrainRes {
-        let mut t = self.trainer.borrow_mut();
-        let previous = t.set_train_data(self.data.clone());
-        let r = t.train(model, config);
-        t.set_train_data(previous);
-        match r {
-            Ok(u) => TrainRes {
-                round,
-                num_examples: u.num_examples,
-                metrics: u.metrics,
-                params: u.params,
-            },
-            Err(_) => TrainRes {
-                round,
-                num_examples: 0, // refused by the coordinator: this client drops out
-                metrics: Metrics::new(),
-                params: model.clone(),
-            },
-        }
+        let rx = self
+            .pool
+            .submit(self.data.clone(), model.clone(), config.clone());
+        train_res(round, model, TrainerPool::wait(&rx))
+    }
+
+    fn start_train(
+        &mut self,
+        round: u64,
+        config: &TrainConfig,
+        model: Params,
+    ) -> Deferred<TrainRes> {
+        // Queued now, collected when the simulated compute time is over: the clients sampled
+        // together train in parallel on the pool's workers.
+        let rx = self
+            .pool
+            .submit(self.data.clone(), model.clone(), config.clone());
+        Deferred::Later(Box::new(move || {
+            train_res(round, &model, TrainerPool::wait(&rx))
+        }))
     }
 
     fn evaluate(&mut self, round: u64, _model: &Params) -> EvaluateRes {
@@ -303,7 +399,84 @@ pub fn run(exp: &Experiment, out: &Path, progress: bool) -> anyhow::Result<Summa
     }
 }
 
-fn run_model<M: Classifier + 'static>(
+/// What both transports share: the data, the pool, the evaluation and the per-round rows.
+struct Run<'a> {
+    exp: &'a Experiment,
+    start: Instant,
+    train: Dataset,
+    parts: Vec<Vec<usize>>,
+    pool: Arc<TrainerPool>,
+    initial: Params,
+    server: ServerConfig,
+    recorder: Recorder,
+}
+
+/// Tests a global model on the test set.
+type EvaluateFn = Box<dyn FnMut(&Params) -> anyhow::Result<flotilla_client::Evaluation>>;
+
+/// Evaluates the global model after every round and keeps the rows.
+struct Recorder {
+    evaluate: EvaluateFn,
+    rows: Vec<RoundMetrics>,
+    bar: Option<indicatif::ProgressBar>,
+    start: Instant,
+    target: Option<f64>,
+    run_past_target: bool,
+    seen: BTreeSet<u64>,
+}
+
+impl Recorder {
+    /// Records a finished round; returns whether the run should stop (target reached).
+    fn round(&mut self, record: &RoundRecord, global: &Params) -> anyhow::Result<bool> {
+        if !self.seen.insert(record.round) {
+            return Ok(false);
+        }
+        let e = (self.evaluate)(global)?;
+        let row = RoundMetrics {
+            round: record.round,
+            accuracy: e.accuracy,
+            loss: e.loss,
+            train_loss: record.train_metrics.get("train_loss").copied(),
+            results: record.results,
+            failures: record.failures.len(),
+            aborted: record.aborted.is_some(),
+            abort_reason: record.aborted.as_ref().map(|a| format!("{a:?}")),
+            epsilon: record.privacy.as_ref().map(|p| p.epsilon),
+            wall_secs: self.start.elapsed().as_secs_f64(),
+        };
+        match &self.bar {
+            Some(b) => {
+                b.set_position(row.round);
+                b.set_message(format!("accuracy {:.4}", row.accuracy));
+            }
+            None => println!(
+                "round {}: accuracy {:.4}, loss {:.4}, {} results{}{}",
+                row.round,
+                row.accuracy,
+                row.loss,
+                row.results,
+                row.epsilon
+                    .map(|e| format!(", ε {e:.3}"))
+                    .unwrap_or_default(),
+                row.abort_reason
+                    .as_ref()
+                    .map(|r| format!(", aborted: {r}"))
+                    .unwrap_or_default()
+            ),
+        }
+        let reached = self.target.is_some_and(|t| row.accuracy >= t);
+        self.rows.push(row);
+        Ok(reached && !self.run_past_target)
+    }
+}
+
+/// What a transport reports besides the rows.
+struct TransportStats {
+    bytes: u64,
+    idle_client_bytes: Option<f64>,
+}
+
+fn run_model<M: Classifier + Send + 'static>(
     exp: &Experiment,
     out: &Path,
     progress: bool,
@@ -318,15 +491,18 @@ fn run_model<M: Classifier + 'static>(
     let (device, _) = select_device(BackendKind::Cpu);
     let features = train.features();
     let init = || seeded(&device, exp.seed, |d| make(features, d));
-    let shared = Rc::new(RefCell::new(BurnTrainer::new(
-        init(),
-        LocalData::all(train.head(1)),
-        None,
-    )?));
     let mut evaluator = BurnTrainer::new(init(), LocalData::all(train.head(1)), None)?;
-    let test_all = LocalData::all(test);
-    let initial = shared.borrow_mut().initial_params()?;
+    let initial = evaluator.initial_params()?;
     let params = initial.len();
+    let workers = exp.workers.unwrap_or_else(default_workers).max(1);
+    let pool = TrainerPool::new(workers, || {
+        Ok(BurnTrainer::new(
+            init(),
+            LocalData::all(train.head(1)),
+            None,
+        )?)
+    })?;
+    let test_all = LocalData::all(test);
 
     let mut server = ServerConfig {
         strategy: exp.strategy.clone(),
@@ -339,99 +515,13 @@ fn run_model<M: Classifier + 'static>(
     server.strategy.min_evaluate_clients = 0;
     server.train.seed = exp.seed;
     server.dp = exp.dp.clone();
-    let coordinator = Coordinator::new(
-        CoordinatorConfig {
-            num_rounds: exp.rounds,
-            min_available_clients: exp.clients,
-            min_train_results: 1,
-            round_timeout: Duration::from_secs_f64(exp.round_timeout_secs),
-            idle_timeout: None,
-            evaluate_every: 0,
-            seed: exp.seed,
-            secure_aggregation: exp.secure_aggregation.clone(),
-            dp: exp.dp.clone(),
-            ..CoordinatorConfig::default()
-        },
-        server.strategy()?,
-        Some(initial.clone()),
-    )?;
-    let mut h = Harness::new(coordinator, exp.seed);
-    let f = exp.faults.clone();
-    if f.dropout > 0.0 || f.message_loss > 0.0 || f.message_delay_ms > 0 {
-        let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0xF417);
-        h.set_filter(Box::new(move |env| {
-            let lost = rng.random_bool(f.message_loss.clamp(0.0, 1.0));
-            // A client's message of any phase of a round may be its last: with secure
-            // aggregation that is a dropout at key advertisement, key sharing, masked input
-            // or unmasking; in plain rounds, a lost result.
-            let dropped = env.direction == Direction::ToServer
-                && matches!(
-                    env.message.kind(),
-                    "TrainResult"
-                        | "AdvertiseKeys"
-                        | "ShareKeys"
-                        | "MaskedInput"
-                        | "SurvivorsSigned"
-                        | "UnmaskShares"
-                )
-                && rng.random_bool(f.dropout.clamp(0.0, 1.0));
-            if lost || dropped {
-                Action::Drop
-            } else if f.message_delay_ms > 0 {
-                Action::Delay(Duration::from_millis(f.message_delay_ms))
-            } else {
-                Action::Deliver
-            }
-        }));
-    }
-    // Secure aggregation needs every client to hold a certificate of the federation.
-    let identities = match &exp.secure_aggregation {
-        Some(_) => Some(secagg_identities(exp.clients)?),
-        None => None,
-    };
-    let mut identities = identities.map(Vec::into_iter);
-    let rss_before = rss_bytes();
-    let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0x5EED);
-    let compute = Duration::from_secs_f64(if exp.faults.compute_secs > 0.0 {
-        exp.faults.compute_secs
-    } else {
-        1.0
-    });
-    for (i, idx) in parts.into_iter().enumerate() {
-        let slow = rng.random_bool(exp.faults.straggler_fraction.clamp(0.0, 1.0));
-        let c = VirtualClient {
-            data: LocalData::subset(train.clone(), idx)?,
-            trainer: shared.clone(),
-            initial: initial.clone(),
-            compute: if slow {
-                compute.mul_f64(exp.faults.straggler_factor.max(1.0))
-            } else {
-                compute
-            },
-        };
-        let id = ClientId::new(format!("client-{i:05}"));
-        match identities.as_mut().and_then(Iterator::next) {
-            Some(identity) => {
-                let p = Participant::new(Capabilities {
-                    backend: "sim".into(),
-                    ..Capabilities::default()
-                })
-                .with_secure_aggregation(
-                    identity,
-                    // Reproducible runs: seeded (and therefore insecure) SecAgg randomness.
-                    Randomness::InsecureDeterministic(exp.seed.wrapping_add(i as u64)),
-                );
-                h.add_participant(id, p, Box::new(c));
-            }
-            None => h.add_client(id, Box::new(c)),
-        }
-    }
-    // What the idle clients cost: their state machines, their example indices, their queued
-    // hello (measured before the first round puts models in flight).
-    let idle_client_bytes = match (rss_before, rss_bytes()) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / exp.clients as f64),
-        _ => None,
-    };
+    server.secure_aggregation = exp.secure_aggregation.clone();
+    server.rounds.num_rounds = exp.rounds;
+    server.rounds.min_available_clients = exp.clients;
+    server.rounds.min_train_results = 1;
+    server.rounds.round_timeout_secs = exp.round_timeout_secs;
+    server.rounds.evaluate_every = 0;
+    server.rounds.seed = exp.seed;
 
     let bar = progress.then(|| {
         let b = indicatif::ProgressBar::new(exp.rounds);
@@ -443,85 +533,43 @@ fn run_model<M: Classifier + 'static>(
         );
         b
     });
-    let mut rows = Vec::new();
     let e0 = evaluator.evaluate_on(&initial, &test_all)?;
-    rows.push(RoundMetrics {
-        round: 0,
-        accuracy: e0.accuracy,
-        loss: e0.loss,
-        train_loss: None,
-        results: 0,
-        failures: 0,
-        aborted: false,
-        epsilon: None,
-        wall_secs: start.elapsed().as_secs_f64(),
-    });
-    let mut cursor = 0usize;
-    let mut seen_rounds = BTreeSet::new();
-    loop {
-        let mut ended = None;
-        let progressed = h.run_until(Duration::from_secs(u64::MAX / 4), |h| {
-            while let Some((_, ev)) = h.events.get(cursor) {
-                cursor += 1;
-                match ev {
-                    Event::RoundCompleted(r) | Event::RoundAborted(r) => {
-                        ended = Some(r.clone());
-                        return true;
-                    }
-                    Event::Finished => return true,
-                    _ => {}
-                }
-            }
-            false
-        });
-        let Some(record) = ended else {
-            // Finished (all rounds done, or the privacy budget), or nothing left to do.
-            let _ = progressed;
-            break;
-        };
-        if !seen_rounds.insert(record.round) {
-            continue;
-        }
-        let global = h.coordinator.global().context("no model")?.clone();
-        let e = evaluator.evaluate_on(&global, &test_all)?;
-        let row = RoundMetrics {
-            round: record.round,
-            accuracy: e.accuracy,
-            loss: e.loss,
-            train_loss: record.train_metrics.get("train_loss").copied(),
-            results: record.results,
-            failures: record.failures.len(),
-            aborted: record.aborted.is_some(),
-            epsilon: record.privacy.as_ref().map(|p| p.epsilon),
+    let recorder = Recorder {
+        evaluate: Box::new(move |p| Ok(evaluator.evaluate_on(p, &test_all)?)),
+        rows: vec![RoundMetrics {
+            round: 0,
+            accuracy: e0.accuracy,
+            loss: e0.loss,
+            train_loss: None,
+            results: 0,
+            failures: 0,
+            aborted: false,
+            abort_reason: None,
+            epsilon: None,
             wall_secs: start.elapsed().as_secs_f64(),
-        };
-        let line = format!(
-            "round {}: accuracy {:.4}, loss {:.4}, {} results{}",
-            row.round,
-            row.accuracy,
-            row.loss,
-            row.results,
-            row.epsilon
-                .map(|e| format!(", ε {e:.3}"))
-                .unwrap_or_default()
-        );
-        match &bar {
-            Some(b) => {
-                b.set_position(row.round);
-                b.set_message(format!("accuracy {:.4}", row.accuracy));
-            }
-            None => println!("{line}"),
-        }
-        let reached = exp.target_accuracy.is_some_and(|t| row.accuracy >= t);
-        rows.push(row);
-        if reached && !exp.run_past_target {
-            break;
-        }
-        if h.coordinator.is_finished() {
-            break;
-        }
-    }
-    if let Some(b) = &bar {
+        }],
+        bar,
+        start,
+        target: exp.target_accuracy,
+        run_past_target: exp.run_past_target,
+        seen: BTreeSet::new(),
+    };
+    let mut run = Run {
+        exp,
+        start,
+        train,
+        parts,
+        pool,
+        initial,
+        server,
+        recorder,
+    };
+    let stats = match exp.transport {
+        Transport::Memory => run.in_memory()?,
+        Transport::Quic => run.over_quic(out)?,
+    };
+    let rows = std::mem::take(&mut run.recorder.rows);
+    if let Some(b) = &run.recorder.bar {
         b.finish_and_clear();
     }
     let acc: Vec<f64> = rows.iter().map(|r| r.accuracy).collect();
@@ -537,16 +585,234 @@ fn run_model<M: Classifier + 'static>(
         final_accuracy: acc.last().copied().unwrap_or(0.0),
         best_accuracy: acc.iter().copied().fold(0.0, f64::max),
         rounds_to_target: exp.target_accuracy.and_then(|t| rounds_to_target(&acc, t)),
-        wall_secs: start.elapsed().as_secs_f64(),
+        wall_secs: run.start.elapsed().as_secs_f64(),
         model_parameters: params,
-        bytes_delivered: h.stats.bytes,
-        idle_client_bytes,
+        training_workers: run.pool.workers(),
+        bytes_delivered: stats.bytes,
+        idle_client_bytes: stats.idle_client_bytes,
         secs_per_round: per_round.get(per_round.len() / 2).copied(),
     };
     write_outputs(out, exp, &rows, &summary)?;
     Ok(summary)
 }
 
+impl Run<'_> {
+    /// The sans-IO machines on the in-memory harness, in simulated time.
+    fn in_memory(&mut self) -> anyhow::Result<TransportStats> {
+        let exp = self.exp;
+        let mut cc = self.server.coordinator()?;
+        // Simulated clients never go idle unnoticed; heartbeats would only cost messages.
+        cc.idle_timeout = None;
+        let coordinator =
+            Coordinator::new(cc, self.server.strategy()?, Some(self.initial.clone()))?;
+        let mut h = Harness::new(coordinator, exp.seed);
+        let f = exp.faults.clone();
+        if f.any_dropout() || f.message_loss > 0.0 || f.message_delay_ms > 0 {
+            let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0xF417);
+            h.set_filter(Box::new(move |env| {
+                let lost = rng.random_bool(f.message_loss.clamp(0.0, 1.0));
+                // A client's message of any phase of a round may be its last: the client goes
+                // silent and the server times it out of the phase.
+                let p = match env.direction {
+                    Direction::ToServer => f.dropout_for(env.message.kind()),
+                    Direction::ToClient => 0.0,
+                };
+                let dropped = p > 0.0 && rng.random_bool(p);
+                if lost || dropped {
+                    Action::Drop
+                } else if f.message_delay_ms > 0 {
+                    Action::Delay(Duration::from_millis(f.message_delay_ms))
+                } else {
+                    Action::Deliver
+                }
+            }));
+        }
+        // Secure aggregation needs every client to hold a certificate of the federation.
+        let identities = match &exp.secure_aggregation {
+            Some(_) => Some(secagg_identities(exp.clients)?),
+            None => None,
+        };
+        let mut identities = identities.map(Vec::into_iter);
+        let rss_before = rss_bytes();
+        let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0x5EED);
+        let compute = Duration::from_secs_f64(if exp.faults.compute_secs > 0.0 {
+            exp.faults.compute_secs
+        } else {
+            1.0
+        });
+        for (i, idx) in std::mem::take(&mut self.parts).into_iter().enumerate() {
+            let slow = rng.random_bool(exp.faults.straggler_fraction.clamp(0.0, 1.0));
+            let c = VirtualClient {
+                data: LocalData::subset(self.train.clone(), idx)?,
+                pool: self.pool.clone(),
+                initial: self.initial.clone(),
+                compute: if slow {
+                    compute.mul_f64(exp.faults.straggler_factor.max(1.0))
+                } else {
+                    compute
+                },
+            };
+            let id = ClientId::new(format!("client-{i:05}"));
+            match identities.as_mut().and_then(Iterator::next) {
+                Some(identity) => {
+                    let p = Participant::new(Capabilities {
+                        backend: "sim".into(),
+                        ..Capabilities::default()
+                    })
+                    .with_secure_aggregation(
+                        identity,
+                        // Reproducible runs: seeded (and therefore insecure) SecAgg randomness.
+                        Randomness::InsecureDeterministic(exp.seed.wrapping_add(i as u64)),
+                    );
+                    h.add_participant(id, p, Box::new(c));
+                }
+                None => h.add_client(id, Box::new(c)),
+            }
+        }
+        // What the idle clients cost: their state machines, their example indices, their
+        // queued hello (measured before the first round puts models in flight).
+        let idle_client_bytes = match (rss_before, rss_bytes()) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / exp.clients as f64),
+            _ => None,
+        };
+        let mut cursor = 0usize;
+        loop {
+            let mut ended = None;
+            h.run_until(Duration::from_secs(u64::MAX / 4), |h| {
+                while let Some((_, ev)) = h.events.get(cursor) {
+                    cursor += 1;
+                    match ev {
+                        Event::RoundCompleted(r) | Event::RoundAborted(r) => {
+                            ended = Some(r.clone());
+                            return true;
+                        }
+                        Event::Finished => return true,
+                        _ => {}
+                    }
+                }
+                false
+            });
+            // None: finished (all rounds done, or the privacy budget), or nothing left to do.
+            let Some(record) = ended else { break };
+            let global = h.coordinator.global().context("no model")?.clone();
+            if self.recorder.round(&record, &global)? || h.coordinator.is_finished() {
+                break;
+            }
+        }
+        Ok(TransportStats {
+            bytes: h.stats.bytes,
+            idle_client_bytes,
+        })
+    }
+
+    /// A real server and one real client per virtual client, each with its own certificate
+    /// and QUIC connection over loopback, in real time.
+    fn over_quic(&mut self, out: &Path) -> anyhow::Result<TransportStats> {
+        let exp = self.exp;
+        anyhow::ensure!(
+            exp.faults.message_loss == 0.0 && exp.faults.message_delay_ms == 0,
+            "faults.message_loss and faults.message_delay_ms apply to the in-memory transport only"
+        );
+        anyhow::ensure!(
+            exp.faults.dropout_at == PhaseDropout::default(),
+            "faults.dropout_at applies to the in-memory transport only (over QUIC, faults.dropout makes a sampled client fail its training)"
+        );
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let pki_dir = tempfile::tempdir()?;
+        let (pki, ids) = make_pki(pki_dir.path(), exp.clients)?;
+        let checkpoints = out.join("checkpoints");
+        if checkpoints.exists() {
+            // A fresh run: never resume from an earlier run's checkpoints.
+            std::fs::remove_dir_all(&checkpoints)?;
+        }
+        let mut config = server_config(&pki, &checkpoints);
+        config.rounds = self.server.rounds.clone();
+        config.strategy = self.server.strategy.clone();
+        config.train = self.server.train.clone();
+        config.secure_aggregation = self.server.secure_aggregation.clone();
+        config.dp = self.server.dp.clone();
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut server = rt.block_on(async { flotilla_server::start(config, Some(ev_tx)) })?;
+        let addr = server.local_addr;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let rss_before = rss_bytes();
+        let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0x5EED);
+        let delay = Duration::from_secs_f64(
+            exp.faults.compute_secs.max(0.0) * (exp.faults.straggler_factor.max(1.0) - 1.0),
+        );
+        let mut clients = Vec::new();
+        for (i, (id, idx)) in ids.iter().zip(std::mem::take(&mut self.parts)).enumerate() {
+            let slow = rng.random_bool(exp.faults.straggler_fraction.clamp(0.0, 1.0));
+            let trainer = PooledTrainer {
+                pool: self.pool.clone(),
+                data: LocalData::subset(self.train.clone(), idx)?,
+                initial: self.initial.clone(),
+                delay: if slow { delay } else { Duration::ZERO },
+                dropout: (exp.faults.dropout > 0.0).then(|| {
+                    (
+                        exp.faults.dropout,
+                        ChaCha8Rng::seed_from_u64(exp.seed ^ 0xD809 ^ i as u64),
+                    )
+                }),
+            };
+            let mut o = client_options(&pki, id, addr)?;
+            o.capabilities.backend = "sim".into();
+            clients.push(rt.spawn(flotilla_client::driver::run(o, trainer, stop_rx.clone())));
+        }
+        let mut enrolled = 0usize;
+        let mut idle_client_bytes = None;
+        let mut stopped_early = false;
+        while let Some(ev) = rt.block_on(ev_rx.recv()) {
+            match ev {
+                Event::ClientEnrolled(_) => {
+                    enrolled += 1;
+                    if enrolled == exp.clients {
+                        // Every client connected and idle (its connection, its machine, its
+                        // examples' indices), before the first round.
+                        idle_client_bytes = match (rss_before, rss_bytes()) {
+                            (Some(a), Some(b)) => {
+                                Some(b.saturating_sub(a) as f64 / exp.clients as f64)
+                            }
+                            _ => None,
+                        };
+                    }
+                }
+                Event::RoundCompleted(r) | Event::RoundAborted(r) => {
+                    // The server commits the round's checkpoint before telling observers.
+                    let path = flotilla_server::checkpoint::path_for(&checkpoints, r.round);
+                    let (snapshot, _) = flotilla_server::checkpoint::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    if self.recorder.round(&r, &snapshot.global)? {
+                        stopped_early = true;
+                        break;
+                    }
+                }
+                Event::Finished => break,
+                _ => {}
+            }
+        }
+        if stopped_early {
+            server.shutdown();
+        }
+        let summary = rt.block_on(server.join())?;
+        let _ = stop_tx.send(true);
+        rt.block_on(async {
+            for c in clients {
+                match tokio::time::timeout(Duration::from_secs(30), c).await {
+                    Ok(Ok(Ok(_))) => {}
+                    Ok(Ok(Err(e))) => tracing::debug!("a client ended with: {e}"),
+                    _ => tracing::warn!("a client did not stop in time"),
+                }
+            }
+        });
+        Ok(TransportStats {
+            bytes: summary.bytes_sent + summary.bytes_received,
+            idle_client_bytes,
+        })
+    }
+}
 fn write_outputs(
     out: &Path,
     exp: &Experiment,

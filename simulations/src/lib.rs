@@ -14,4 +14,5 @@ pub mod experiment;
 pub mod federation;
 pub mod inmemory;
 pub mod plot;
+pub mod pool;
 pub mod quickstart;

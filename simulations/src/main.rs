@@ -49,11 +49,23 @@ enum Command {
         #[arg(long)]
         no_secagg: bool,
     },
-    /// Run an experiment file (see experiments/): many virtual clients in memory, the real
-    /// round machines, metrics (CSV, JSON), curves (SVG, PNG) and a summary.
+    /// Run an experiment file (see experiments/): many virtual clients, in memory or over real
+    /// QUIC, the real round machines, metrics (CSV, JSON), curves (SVG, PNG) and a summary.
     Run {
         /// The experiment TOML.
         experiment: PathBuf,
+        /// Override the file's transport: `memory` or `quic`.
+        #[arg(long, value_parser = ["memory", "quic"])]
+        transport: Option<String>,
+        /// Override the number of clients.
+        #[arg(long)]
+        clients: Option<usize>,
+        /// Override the number of rounds.
+        #[arg(long)]
+        rounds: Option<u64>,
+        /// Training workers (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
         /// Output directory (default: out/<experiment name>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -83,18 +95,44 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run {
             experiment,
+            transport,
+            clients,
+            rounds,
+            workers,
             out,
             data,
             no_progress,
         } => {
-            let mut exp = flotilla_sim::experiment::Experiment::load(&experiment)?;
+            use flotilla_sim::experiment::{Experiment, Transport};
+            let mut exp = Experiment::load(&experiment)?;
             if let Some(d) = data {
                 exp.data.dir = Some(d);
             }
+            match transport.as_deref() {
+                Some("quic") => exp.transport = Transport::Quic,
+                Some("memory") => exp.transport = Transport::Memory,
+                _ => {}
+            }
+            if let Some(n) = clients {
+                anyhow::ensure!(n >= 1, "--clients must be at least 1");
+                exp.clients = n;
+            }
+            if let Some(r) = rounds {
+                exp.rounds = r;
+            }
+            if workers.is_some() {
+                exp.workers = workers;
+            }
             let out = out.unwrap_or_else(|| PathBuf::from("out").join(&exp.name));
             println!(
-                "{}: {} clients, C = {}, {} rounds at most, model {}, {:?}",
-                exp.name, exp.clients, exp.fraction, exp.rounds, exp.model, exp.partition
+                "{}: {} clients ({:?} transport), C = {}, {} rounds at most, model {}, {:?}",
+                exp.name,
+                exp.clients,
+                exp.transport,
+                exp.fraction,
+                exp.rounds,
+                exp.model,
+                exp.partition
             );
             let s = flotilla_sim::experiment::run(&exp, &out, !no_progress)?;
             println!(

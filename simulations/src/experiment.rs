@@ -423,6 +423,8 @@ struct Recorder {
     target: Option<f64>,
     run_past_target: bool,
     seen: BTreeSet<u64>,
+    /// Where `metrics.csv` is rewritten after every round.
+    out: PathBuf,
 }
 
 impl Recorder {
@@ -466,6 +468,7 @@ impl Recorder {
         }
         let reached = self.target.is_some_and(|t| row.accuracy >= t);
         self.rows.push(row);
+        write_csv(&self.out, &self.rows)?;
         Ok(reached && !self.run_past_target)
     }
 }
@@ -553,6 +556,7 @@ fn run_model<M: Classifier + Send + 'static>(
         target: exp.target_accuracy,
         run_past_target: exp.run_past_target,
         seen: BTreeSet::new(),
+        out: out.to_path_buf(),
     };
     let mut run = Run {
         exp,
@@ -819,6 +823,21 @@ fn write_outputs(
     rows: &[RoundMetrics],
     summary: &Summary,
 ) -> anyhow::Result<()> {
+    write_csv(out, rows)?;
+    std::fs::write(
+        out.join("metrics.json"),
+        serde_json::to_string_pretty(rows)?,
+    )?;
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(summary)?,
+    )?;
+    crate::plot::curves(out, &exp.name, rows, exp.target_accuracy)?;
+    Ok(())
+}
+
+/// Writes `metrics.csv` (atomically: a long run's file is complete after every round).
+fn write_csv(out: &Path, rows: &[RoundMetrics]) -> anyhow::Result<()> {
     let mut csv =
         String::from("round,accuracy,loss,train_loss,results,failures,aborted,epsilon,wall_secs\n");
     for r in rows {
@@ -835,15 +854,8 @@ fn write_outputs(
             r.wall_secs
         ));
     }
-    std::fs::write(out.join("metrics.csv"), csv)?;
-    std::fs::write(
-        out.join("metrics.json"),
-        serde_json::to_string_pretty(rows)?,
-    )?;
-    std::fs::write(
-        out.join("summary.json"),
-        serde_json::to_string_pretty(summary)?,
-    )?;
-    crate::plot::curves(out, &exp.name, rows, exp.target_accuracy)?;
+    let tmp = out.join("metrics.csv.tmp");
+    std::fs::write(&tmp, csv).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, out.join("metrics.csv"))?;
     Ok(())
 }

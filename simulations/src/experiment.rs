@@ -91,11 +91,48 @@ pub struct Faults {
     pub straggler_fraction: f64,
     /// Slow-down of stragglers.
     pub straggler_factor: f64,
+    /// Client speed profiles: each client draws one (weighted by `share`) and its work takes
+    /// `factor` times as long (stragglers' factor applies on top). Empty: all at speed 1.
+    pub speed_profiles: Vec<SpeedProfile>,
     /// Simulated seconds one local training job takes on a normal client.
     pub compute_secs: f64,
 }
 
+/// A class of clients with the same speed (e.g. phones 3× slower than laptops).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpeedProfile {
+    /// Relative share of clients with this profile.
+    pub share: f64,
+    /// Work takes this many times as long as on a speed-1 client.
+    pub factor: f64,
+}
+
 impl Faults {
+    /// A client's slow-down: its profile's factor, times the straggler factor if it is one.
+    /// Draws from `rng` in a fixed order, so the same seed gives every client the same speed.
+    fn slowdown(&self, rng: &mut ChaCha8Rng) -> f64 {
+        let straggler = rng.random_bool(self.straggler_fraction.clamp(0.0, 1.0));
+        let total: f64 = self.speed_profiles.iter().map(|p| p.share.max(0.0)).sum();
+        let mut profile = 1.0;
+        if total > 0.0 {
+            let mut x = rng.random::<f64>() * total;
+            for p in &self.speed_profiles {
+                profile = p.factor.max(0.0);
+                x -= p.share.max(0.0);
+                if x < 0.0 {
+                    break;
+                }
+            }
+        }
+        profile
+            * if straggler {
+                self.straggler_factor.max(1.0)
+            } else {
+                1.0
+            }
+    }
+
     fn any_dropout(&self) -> bool {
         self.dropout > 0.0 || self.dropout_at != PhaseDropout::default()
     }
@@ -645,16 +682,12 @@ impl Run<'_> {
             1.0
         });
         for (i, idx) in std::mem::take(&mut self.parts).into_iter().enumerate() {
-            let slow = rng.random_bool(exp.faults.straggler_fraction.clamp(0.0, 1.0));
+            let slowdown = exp.faults.slowdown(&mut rng);
             let c = VirtualClient {
                 data: LocalData::subset(self.train.clone(), idx)?,
                 pool: self.pool.clone(),
                 initial: self.initial.clone(),
-                compute: if slow {
-                    compute.mul_f64(exp.faults.straggler_factor.max(1.0))
-                } else {
-                    compute
-                },
+                compute: compute.mul_f64(slowdown),
             };
             let id = ClientId::new(format!("client-{i:05}"));
             match identities.as_mut().and_then(Iterator::next) {
@@ -743,17 +776,16 @@ impl Run<'_> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let rss_before = rss_bytes();
         let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0x5EED);
-        let delay = Duration::from_secs_f64(
-            exp.faults.compute_secs.max(0.0) * (exp.faults.straggler_factor.max(1.0) - 1.0),
-        );
         let mut clients = Vec::new();
         for (i, (id, idx)) in ids.iter().zip(std::mem::take(&mut self.parts)).enumerate() {
-            let slow = rng.random_bool(exp.faults.straggler_fraction.clamp(0.0, 1.0));
+            // Real time: a slowed client sleeps the extra share of `compute_secs`.
+            let slowdown = exp.faults.slowdown(&mut rng);
+            let delay = exp.faults.compute_secs.max(0.0) * (slowdown - 1.0).max(0.0);
             let trainer = PooledTrainer {
                 pool: self.pool.clone(),
                 data: LocalData::subset(self.train.clone(), idx)?,
                 initial: self.initial.clone(),
-                delay: if slow { delay } else { Duration::ZERO },
+                delay: Duration::from_secs_f64(delay),
                 dropout: (exp.faults.dropout > 0.0).then(|| {
                     (
                         exp.faults.dropout,

@@ -211,3 +211,31 @@ fn an_experiment_runs_over_real_quic_with_a_certificate_per_client() {
         s.bytes_delivered
     );
 }
+
+#[test]
+fn slow_speed_profiles_miss_the_round_deadline() {
+    // Half the clients take 10× as long (10 simulated seconds) as the others; with a 5 s round
+    // deadline only the fast half's results count.
+    let mut e = small("profiles");
+    e.clients = 20;
+    e.fraction = 1.0;
+    e.rounds = 2;
+    e.faults = toml::from_str(
+        "compute_secs = 1.0\n[[speed_profiles]]\nshare = 1.0\nfactor = 1.0\n[[speed_profiles]]\nshare = 1.0\nfactor = 10.0",
+    )
+    .unwrap();
+    e.round_timeout_secs = 5.0;
+    let dir = tempfile::tempdir().unwrap();
+    run(&e, dir.path(), false).unwrap();
+    let rows: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("metrics.json")).unwrap())
+            .unwrap();
+    for r in &rows.as_array().unwrap()[1..] {
+        let results = r["results"].as_u64().unwrap();
+        let failures = r["failures"].as_u64().unwrap();
+        assert_eq!(results + failures, 20, "{r}");
+        // Seeded draw of 20 clients from two equal profiles: neither all fast nor all slow.
+        assert!((4..=16).contains(&results), "{r}");
+        assert_eq!(r["aborted"], false, "{r}");
+    }
+}

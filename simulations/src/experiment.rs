@@ -228,11 +228,7 @@ impl Experiment {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let e: Experiment =
             toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        anyhow::ensure!(e.clients >= 1, "clients must be at least 1");
-        anyhow::ensure!(
-            e.fraction > 0.0 && e.fraction <= 1.0,
-            "fraction must be in (0, 1]"
-        );
+        validate(&e).with_context(|| format!("checking {}", path.display()))?;
         Ok(e)
     }
 }
@@ -427,8 +423,73 @@ fn load_data(c: &DataConfig) -> anyhow::Result<(Dataset, Dataset)> {
     })
 }
 
+/// The server-side settings of an experiment (strategy, rounds, training, SecAgg, DP).
+fn server_settings(exp: &Experiment) -> ServerConfig {
+    let mut server = ServerConfig {
+        strategy: exp.strategy.clone(),
+        train: exp.train.clone(),
+        ..ServerConfig::default()
+    };
+    server.strategy.fraction_train = exp.fraction;
+    server.strategy.min_train_clients = server.strategy.min_train_clients.min(exp.clients);
+    server.strategy.fraction_evaluate = 0.0;
+    server.strategy.min_evaluate_clients = 0;
+    server.train.seed = exp.seed;
+    server.dp = exp.dp.clone();
+    server.secure_aggregation = exp.secure_aggregation.clone();
+    server.rounds.num_rounds = exp.rounds;
+    server.rounds.min_available_clients = exp.clients;
+    server.rounds.min_train_results = 1;
+    server.rounds.round_timeout_secs = exp.round_timeout_secs;
+    server.rounds.evaluate_every = 0;
+    server.rounds.seed = exp.seed;
+    server
+}
+
+/// Checks an experiment before anything is loaded or started: the model, the data set, the
+/// server-side settings (strategy and its parameters, rounds, SecAgg, DP) and the faults the
+/// chosen transport supports.
+pub fn validate(exp: &Experiment) -> anyhow::Result<()> {
+    anyhow::ensure!(exp.clients >= 1, "clients must be at least 1");
+    anyhow::ensure!(
+        exp.fraction > 0.0 && exp.fraction <= 1.0,
+        "fraction must be in (0, 1]"
+    );
+    anyhow::ensure!(
+        matches!(
+            exp.model.to_ascii_lowercase().as_str(),
+            "2nn" | "mlp" | "cnn"
+        ),
+        "unknown model {:?} (2nn, cnn)",
+        exp.model
+    );
+    anyhow::ensure!(
+        matches!(
+            exp.data.name.as_str(),
+            "bundled" | "mnist" | "fashion-mnist"
+        ),
+        "unknown data set {:?} (bundled, mnist, fashion-mnist)",
+        exp.data.name
+    );
+    let server = server_settings(exp);
+    server.coordinator()?;
+    server.strategy()?;
+    if exp.transport == Transport::Quic {
+        anyhow::ensure!(
+            exp.faults.message_loss == 0.0 && exp.faults.message_delay_ms == 0,
+            "faults.message_loss and faults.message_delay_ms apply to the in-memory transport only"
+        );
+        anyhow::ensure!(
+            exp.faults.dropout_at == PhaseDropout::default(),
+            "faults.dropout_at applies to the in-memory transport only (over QUIC, faults.dropout makes a sampled client fail its training)"
+        );
+    }
+    Ok(())
+}
+
 /// Runs `exp`, writing its outputs into `out`. `progress`: show a progress bar.
 pub fn run(exp: &Experiment, out: &Path, progress: bool) -> anyhow::Result<Summary> {
+    validate(exp)?;
     match exp.model.to_ascii_lowercase().as_str() {
         "2nn" | "mlp" => run_model(exp, out, progress, |f, d| Mlp2nn::new(f, 10, d)),
         "cnn" => run_model(exp, out, progress, |_, d| Cnn::new(28, 10, d)),
@@ -544,24 +605,7 @@ fn run_model<M: Classifier + Send + 'static>(
     })?;
     let test_all = LocalData::all(test);
 
-    let mut server = ServerConfig {
-        strategy: exp.strategy.clone(),
-        train: exp.train.clone(),
-        ..ServerConfig::default()
-    };
-    server.strategy.fraction_train = exp.fraction;
-    server.strategy.min_train_clients = server.strategy.min_train_clients.min(exp.clients);
-    server.strategy.fraction_evaluate = 0.0;
-    server.strategy.min_evaluate_clients = 0;
-    server.train.seed = exp.seed;
-    server.dp = exp.dp.clone();
-    server.secure_aggregation = exp.secure_aggregation.clone();
-    server.rounds.num_rounds = exp.rounds;
-    server.rounds.min_available_clients = exp.clients;
-    server.rounds.min_train_results = 1;
-    server.rounds.round_timeout_secs = exp.round_timeout_secs;
-    server.rounds.evaluate_every = 0;
-    server.rounds.seed = exp.seed;
+    let server = server_settings(exp);
 
     let bar = progress.then(|| {
         let b = indicatif::ProgressBar::new(exp.rounds);
@@ -746,14 +790,6 @@ impl Run<'_> {
     /// and QUIC connection over loopback, in real time.
     fn over_quic(&mut self, out: &Path) -> anyhow::Result<TransportStats> {
         let exp = self.exp;
-        anyhow::ensure!(
-            exp.faults.message_loss == 0.0 && exp.faults.message_delay_ms == 0,
-            "faults.message_loss and faults.message_delay_ms apply to the in-memory transport only"
-        );
-        anyhow::ensure!(
-            exp.faults.dropout_at == PhaseDropout::default(),
-            "faults.dropout_at applies to the in-memory transport only (over QUIC, faults.dropout makes a sampled client fail its training)"
-        );
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;

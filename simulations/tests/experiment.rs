@@ -239,3 +239,21 @@ fn slow_speed_profiles_miss_the_round_deadline() {
         assert_eq!(r["aborted"], false, "{r}");
     }
 }
+
+#[test]
+fn every_shipped_experiment_file_is_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let e = flotilla_sim::experiment::Experiment::load(&path)
+                .unwrap_or_else(|err| panic!("{}: {err:#}", path.display()));
+            // The strategy and the server-side settings the file names must build too.
+            flotilla_sim::experiment::validate(&e)
+                .unwrap_or_else(|err| panic!("{}: {err:#}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 7, "{n} experiment files");
+}

@@ -22,13 +22,13 @@ use flotilla_protocol::codec::Limits;
 use flotilla_protocol::messages::{
     AbortReason, Capabilities, EvaluateRes, Metrics, TrainConfig, TrainRes,
 };
-use flotilla_protocol::quic::{recv_message, send_message};
+use flotilla_protocol::quic::{IoDeadline, close, recv_message_timed, send_message_timed};
 use flotilla_protocol::secagg::{Randomness, SecAggIdentity};
 use flotilla_protocol::{Message, Params, Participant, ParticipantEvent};
 use rand::Rng;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::Error;
 use crate::trainer::Trainer;
@@ -54,6 +54,9 @@ pub struct ClientOptions {
     pub enroll_timeout: Duration,
     /// Largest model accepted.
     pub max_model_bytes: u64,
+    /// Deadline rule for reading or sending one message (a base plus its size at a
+    /// minimum rate); a server slower than that is treated as lost.
+    pub io_deadline: IoDeadline,
     /// Declared in the hello.
     pub capabilities: Capabilities,
     /// Take part in secure aggregation when the server asks for it (default: yes). The
@@ -79,6 +82,7 @@ impl ClientOptions {
             max_attempts: None,
             enroll_timeout: Duration::from_secs(15),
             max_model_bytes: flotilla_protocol::codec::DEFAULT_MAX_PAYLOAD_BYTES,
+            io_deadline: IoDeadline::default(),
             capabilities: Capabilities {
                 backend: "cpu".into(),
                 num_examples: None,
@@ -128,6 +132,68 @@ fn is_tls_rejection(e: &quinn::ConnectionError) -> bool {
         _ => return false,
     };
     (0x100..0x200).contains(&code)
+}
+
+/// The application close code the server gave, if it closed the connection on purpose.
+fn close_code(e: &quinn::ConnectionError) -> Option<u32> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => u32::try_from(u64::from(c.error_code)).ok(),
+        _ => None,
+    }
+}
+
+/// What to do when the server closed the connection with a Flotilla close code.
+fn closed_by_server(e: &quinn::ConnectionError, enrolled: bool) -> Option<SessionError> {
+    match close_code(e)? {
+        close::IDENTITY_IN_USE => {
+            error!(
+                "another device is using this identity: the server keeps its live connection \
+                 and refused ours (a copied certificate? revoke it with `certs revoke` and issue \
+                 a new one); retrying"
+            );
+            Some(SessionError::Retry(
+                "another device is using this identity".into(),
+                false,
+            ))
+        }
+        close::REVOKED => Some(SessionError::Fatal(Error::Refused(
+            "the server says our certificate is revoked".into(),
+        ))),
+        _ => {
+            let _ = enrolled;
+            None
+        }
+    }
+}
+
+/// If a failed handshake looks like a clock problem on this device, says so (and the session
+/// is retried rather than given up: the clock may be set right later, e.g. once NTP syncs).
+fn clock_problem(e: &quinn::ConnectionError, identity: &Identity) -> Option<String> {
+    let now = time::OffsetDateTime::now_utc();
+    match identity.check_validity(now) {
+        Err(flotilla_crypto::Error::NotYetValid { not_before }) => {
+            return Some(format!(
+                "our certificate is not valid yet by this device's clock (valid from {not_before}, \
+                 the clock says {now}): check the clock (NTP); retrying"
+            ));
+        }
+        Err(flotilla_crypto::Error::Expired { not_after }) => {
+            return Some(format!(
+                "our certificate expired on {not_after} by this device's clock (now {now}): \
+                 if the clock is right, get a new certificate; retrying"
+            ));
+        }
+        _ => {}
+    }
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    (lower.contains("notvalidyet") || lower.contains("not valid yet") || lower.contains("expired"))
+        .then(|| {
+            format!(
+                "the server's certificate is not valid by this device's clock (now {now}): {text}; \
+                 check the clock (NTP); retrying"
+            )
+        })
 }
 
 enum Job {
@@ -238,13 +304,19 @@ async fn session<T: Trainer + 'static>(
         .map_err(|e| SessionError::Fatal(Error::Config(format!("cannot connect: {e}"))))?;
     let conn = match connecting.await {
         Ok(c) => c,
-        Err(e) if is_tls_rejection(&e) => {
-            return Err(SessionError::Fatal(Error::Refused(format!(
-                "TLS handshake with {} failed: {e}",
-                options.server
-            ))));
+        Err(e) => {
+            if let Some(why) = clock_problem(&e, &options.identity) {
+                error!("{why}");
+                return Err(retry(why));
+            }
+            if is_tls_rejection(&e) {
+                return Err(SessionError::Fatal(Error::Refused(format!(
+                    "TLS handshake with {} failed: {e}",
+                    options.server
+                ))));
+            }
+            return Err(retry(format!("cannot connect to {}: {e}", options.server)));
         }
-        Err(e) => return Err(retry(format!("cannot connect to {}: {e}", options.server))),
     };
     let result = drive(&conn, options, trainer, stats, shutdown).await;
     let s = conn.stats();
@@ -260,35 +332,40 @@ async fn drive<T: Trainer + 'static>(
     stats: &mut ClientStats,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<SessionEnd, SessionError> {
-    // Reader: one message per stream, in order.
-    let (in_tx, mut in_rx) = mpsc::unbounded_channel();
+    // Reader: one message per stream, in order, each within its deadline; the queue is
+    // bounded (the reader waits while the driver is behind).
+    let (in_tx, mut in_rx) = mpsc::channel(QUEUE);
     let limits = Limits {
         max_payload_bytes: options.max_model_bytes,
         ..Limits::default()
     };
+    let deadline = options.io_deadline;
     let reader_conn = conn.clone();
     let reader = tokio::spawn(async move {
         loop {
             let mut s = match reader_conn.accept_uni().await {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = in_tx.send(Err(e.to_string()));
+                    let _ = in_tx.send(Err(e.to_string())).await;
                     return;
                 }
             };
-            let r = recv_message(&mut s, &limits, None).await.map(|(m, _)| m);
-            if in_tx.send(r.map_err(|e| e.to_string())).is_err() {
+            let r = recv_message_timed(&mut s, &limits, None, &deadline)
+                .await
+                .map(|(m, _)| m);
+            if in_tx.send(r.map_err(|e| e.to_string())).await.is_err() {
                 return;
             }
         }
     });
-    // Writer: in order too.
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Message>();
+    // Writer: in order too, each send within its deadline.
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(QUEUE);
     let writer_conn = conn.clone();
     let writer = tokio::spawn(async move {
         while let Some(m) = out_rx.recv().await {
-            if let Err(e) = send_message(&writer_conn, &m).await {
+            if let Err(e) = send_message_timed(&writer_conn, &m, &deadline).await {
                 debug!("send failed: {e}");
+                writer_conn.close(close::TOO_SLOW.into(), b"send deadline missed");
                 return;
             }
         }
@@ -316,8 +393,15 @@ async fn drive<T: Trainer + 'static>(
     let enroll_by = tokio::time::Instant::now() + options.enroll_timeout;
     let end = 'session: loop {
         // Route what the participant wants done.
+        let mut overflow = false;
         while let Some(m) = p.poll_transmit() {
-            let _ = out_tx.send(m);
+            overflow |= out_tx.try_send(m).is_err();
+        }
+        if overflow {
+            break Err(SessionError::Retry(
+                "the server is not taking our messages (send queue full)".into(),
+                p.is_enrolled(),
+            ));
         }
         while let Some(ev) = p.poll_event() {
             match ev {
@@ -378,6 +462,13 @@ async fn drive<T: Trainer + 'static>(
                 }
                 Some(Err(e)) => {
                     if let Some(reason) = conn.close_reason() {
+                        if let Some(end) = closed_by_server(&reason, p.is_enrolled()) {
+                            break Err(end);
+                        }
+                        if let Some(why) = clock_problem(&reason, &options.identity) {
+                            error!("{why}");
+                            break Err(SessionError::Retry(why, false));
+                        }
                         if is_tls_rejection(&reason) {
                             break Err(SessionError::Fatal(Error::Refused(reason.to_string())));
                         }
@@ -438,7 +529,7 @@ async fn drive<T: Trainer + 'static>(
             }
             _ = shutdown.changed() => {
                 info!("shutting down");
-                let _ = out_tx.send(Message::Abort { round: None, reason: AbortReason::Other("client shutting down".into()) });
+                let _ = out_tx.try_send(Message::Abort { round: None, reason: AbortReason::Other("client shutting down".into()) });
                 break Ok(SessionEnd::Shutdown);
             }
         }
@@ -456,7 +547,7 @@ async fn finish(
     conn: &quinn::Connection,
     reader: tokio::task::JoinHandle<()>,
     writer: tokio::task::JoinHandle<()>,
-    out_tx: mpsc::UnboundedSender<Message>,
+    out_tx: mpsc::Sender<Message>,
     end: Result<SessionEnd, SessionError>,
 ) -> Result<SessionEnd, SessionError> {
     drop(out_tx);
@@ -489,6 +580,9 @@ fn secagg_identity(options: &ClientOptions) -> Result<SecAggIdentity, flotilla_c
         verifier: PeerVerifier::new(&options.ca, Vec::new())?,
     })
 }
+
+/// Messages queued between the driver and its reader or writer.
+const QUEUE: usize = 32;
 
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {

@@ -116,7 +116,15 @@ fn main() -> anyhow::Result<()> {
                 .context("--key is required without --pki")?,
         ),
     };
-    let identity = Identity::load(&cert, &key)?;
+    let identity = Identity::load_for_device(&cert, &key)?;
+    if let Err(e) = identity.check_validity(time::OffsetDateTime::now_utc()) {
+        // Not fatal: the clock may be wrong and set right later (the connection attempts
+        // say so each time); the server decides.
+        tracing::error!(
+            "{e} by this device's clock ({}); check the clock (NTP) if the certificate is new",
+            time::OffsetDateTime::now_utc()
+        );
+    }
     let ca = load_certs(&ca)?;
 
     let train = load(&args.data, Split::Train)?;

@@ -278,6 +278,25 @@ impl Identity {
         Ok(id)
     }
 
+    /// Loads a certificate and key for a device: checks that they belong together, but not
+    /// the validity dates, since the device's own clock may be wrong (no RTC, NTP not synced
+    /// yet). The caller checks [`Identity::check_validity`] and says what is wrong; the
+    /// server's verdict is the one that counts.
+    pub fn load_for_device(cert: &Path, key: &Path) -> Result<Self, Error> {
+        let id = Self {
+            cert_chain: load_certs(cert)?,
+            key: load_key(key)?,
+        };
+        id.check_key_matches().map_err(|e| match e {
+            Error::KeyMismatch { .. } => Error::KeyMismatch {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+            },
+            other => other,
+        })?;
+        Ok(id)
+    }
+
     /// An identity from PEM strings (for in-process use).
     pub fn from_issued(issued: &IssuedCert) -> Result<Self, Error> {
         let mem = || PathBuf::from("<memory>");
@@ -371,7 +390,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::DigitalSignature,
         ];
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
+        params.not_before = now - DEFAULT_BACKDATE;
         params.not_after = now + Duration::days(days);
         params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = false;
@@ -469,7 +488,7 @@ impl CertificateAuthority {
         params.distinguished_name = dn;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
+        params.not_before = now - DEFAULT_BACKDATE;
         params.not_after = now + Duration::days(days);
         self.issue(params)
     }
@@ -477,7 +496,7 @@ impl CertificateAuthority {
     /// A client certificate for `id`, valid for `days`.
     pub fn issue_client(&self, id: &str, days: i64) -> Result<IssuedCert, Error> {
         let now = OffsetDateTime::now_utc();
-        self.issue_client_between(id, now - Duration::minutes(5), now + Duration::days(days))
+        self.issue_client_between(id, now - DEFAULT_BACKDATE, now + Duration::days(days))
     }
 
     /// A client certificate for `id` with an explicit validity window (tests use it to make
@@ -536,6 +555,20 @@ impl CertificateAuthority {
     }
 }
 
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 128 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 /// Serial numbers listed in a CRL (PEM), and its CRL number.
 pub fn crl_entries(pem: &[u8]) -> Result<(Vec<Vec<u8>>, u64), Error> {
     let mut serials = Vec::new();
@@ -560,7 +593,13 @@ pub fn crl_entries(pem: &[u8]) -> Result<(Vec<Vec<u8>>, u64), Error> {
 pub struct PkiDir {
     /// The directory.
     pub root: PathBuf,
+    /// How far back new certificates are valid from (see [`DEFAULT_BACKDATE`]).
+    pub backdate: Duration,
 }
+
+/// How far back certificates' `not_before` is set, so that a device whose clock is behind
+/// (no RTC, no NTP yet) still accepts them: 24 hours by default.
+pub const DEFAULT_BACKDATE: Duration = Duration::hours(24);
 
 /// Default lifetime of the CA, in days.
 pub const CA_DAYS: i64 = 3650;
@@ -572,7 +611,21 @@ pub const CRL_DAYS: i64 = 30;
 impl PkiDir {
     /// A PKI directory at `root` (nothing is created yet).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            backdate: DEFAULT_BACKDATE,
+        }
+    }
+
+    /// The same directory, issuing certificates valid from `backdate` ago.
+    pub fn with_backdate(mut self, backdate: Duration) -> Self {
+        self.backdate = backdate;
+        self
+    }
+
+    /// `issued/<id>.serials`: every serial ever issued to a client id, one hex line each.
+    pub fn issued_serials(&self, id: &str) -> PathBuf {
+        self.root.join("issued").join(format!("{id}.serials"))
     }
     /// `ca.crt`.
     pub fn ca_cert(&self) -> PathBuf {
@@ -626,25 +679,103 @@ impl PkiDir {
             .save(&self.server_cert(), &self.server_key())
     }
 
-    /// Issues and writes a client certificate.
+    /// Issues and writes a client certificate. Refuses an id that already has one (a second
+    /// certificate for one id would be a second device with its identity): use
+    /// [`PkiDir::rotate_client`] to replace it on purpose.
     pub fn issue_client(&self, id: &str) -> Result<(), Error> {
         validate_client_id(id)?;
-        self.ca()?
-            .issue_client(id, CERT_DAYS)?
-            .save(&self.client_cert(id), &self.client_key(id))
+        if self.client_cert(id).exists() {
+            return Err(Error::AlreadyExists(self.client_cert(id)));
+        }
+        self.issue_client_unchecked(id)
     }
 
-    /// Adds the client's certificate to the CRL and rewrites it.
-    pub fn revoke(&self, id: &str) -> Result<(), Error> {
+    /// Issues a new certificate for an existing id (a lost or replaced device). The old
+    /// certificate stays valid until revoked; [`PkiDir::revoke`] revokes every certificate
+    /// ever issued to the id.
+    pub fn rotate_client(&self, id: &str) -> Result<(), Error> {
         validate_client_id(id)?;
-        let cert = load_certs(&self.client_cert(id))?;
-        let serial = serial_of(cert.first().map(|c| c.as_ref()).unwrap_or_default())?;
+        self.issue_client_unchecked(id)
+    }
+
+    fn issue_client_unchecked(&self, id: &str) -> Result<(), Error> {
+        let now = OffsetDateTime::now_utc();
+        let issued = self.ca()?.issue_client_between(
+            id,
+            now - self.backdate,
+            now + Duration::days(CERT_DAYS),
+        )?;
+        // Record the serial before the certificate exists, so that no certificate is ever
+        // out of reach of `revoke`.
+        let serial = serial_of(issued.cert_der()?.as_ref())?;
+        let ledger = self.issued_serials(id);
+        let mut text = match fs::read_to_string(&ledger) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(Error::Io {
+                    path: ledger,
+                    source,
+                });
+            }
+        };
+        text.push_str(&hex_string(&serial));
+        text.push('\n');
+        write_file(&ledger, text.as_bytes(), 0o644)?;
+        issued.save(&self.client_cert(id), &self.client_key(id))
+    }
+
+    /// Every serial issued to `id` (the ledger, plus the current certificate's).
+    pub fn serials_of(&self, id: &str) -> Result<Vec<Vec<u8>>, Error> {
+        validate_client_id(id)?;
+        let mut out = Vec::new();
+        match fs::read_to_string(self.issued_serials(id)) {
+            Ok(text) => {
+                for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+                    out.push(parse_hex(line).ok_or_else(|| {
+                        Error::Certificate(format!(
+                            "{}: bad serial line {line:?}",
+                            self.issued_serials(id).display()
+                        ))
+                    })?);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(Error::Io {
+                    path: self.issued_serials(id),
+                    source,
+                });
+            }
+        }
+        if let Ok(cert) = load_certs(&self.client_cert(id))
+            && let Some(c) = cert.first()
+        {
+            let serial = serial_of(c.as_ref())?;
+            if !out.contains(&serial) {
+                out.push(serial);
+            }
+        }
+        if out.is_empty() {
+            return Err(Error::Certificate(format!(
+                "no certificate was ever issued to {id:?} here"
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Revokes every certificate ever issued to the client and rewrites the CRL (atomically;
+    /// a running server picks it up without a restart).
+    pub fn revoke(&self, id: &str) -> Result<(), Error> {
+        let revoke = self.serials_of(id)?;
         let (mut serials, number) = match fs::read(self.crl()) {
             Ok(pem) => crl_entries(&pem)?,
             Err(_) => (Vec::new(), 0),
         };
-        if !serials.contains(&serial) {
-            serials.push(serial);
+        for serial in revoke {
+            if !serials.contains(&serial) {
+                serials.push(serial);
+            }
         }
         let crl = self.ca()?.crl(&serials, number + 1, CRL_DAYS)?;
         write_file(&self.crl(), crl.as_bytes(), 0o644)

@@ -56,6 +56,14 @@ pub struct Limits {
     pub max_control_bytes: u32,
     /// Largest tensor payload accepted.
     pub max_payload_bytes: u64,
+    /// Most metrics in one result.
+    pub max_metrics: u32,
+    /// Longest metric name, in bytes.
+    pub max_name_bytes: u32,
+    /// Longest free-text field (reasons, capability strings), in bytes.
+    pub max_text_bytes: u32,
+    /// Longest opaque blob (a certificate in a key advertisement, a sealed share), in bytes.
+    pub max_blob_bytes: u32,
 }
 
 impl Default for Limits {
@@ -63,6 +71,10 @@ impl Default for Limits {
         Self {
             max_control_bytes: DEFAULT_MAX_CONTROL_BYTES,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            max_metrics: crate::bounds::DEFAULT_MAX_METRICS,
+            max_name_bytes: crate::bounds::DEFAULT_MAX_NAME_BYTES,
+            max_text_bytes: crate::bounds::DEFAULT_MAX_TEXT_BYTES,
+            max_blob_bytes: crate::bounds::DEFAULT_MAX_BLOB_BYTES,
         }
     }
 }
@@ -402,7 +414,8 @@ fn to_control_params(msg: &Message) -> (Option<Control>, Option<&Params>) {
         Message::Abort { round, reason } => (
             Control::Abort {
                 round: *round,
-                reason: reason.clone(),
+                // Cut to the default bound so that a receiver never refuses our reasons.
+                reason: reason.truncated(crate::bounds::DEFAULT_MAX_TEXT_BYTES as usize),
             },
             None,
         ),
@@ -533,6 +546,7 @@ pub fn decode_control(body: &[u8], limits: &Limits) -> Result<Decoded, Error> {
     if !rest.is_empty() {
         return Err(Error::TrailingBytes(rest.len() as u64));
     }
+    crate::bounds::check_control(&control, limits)?;
     let numel = match control.payload_words()? {
         None => return complete_without_payload(control).map(Decoded::Complete),
         Some(n) => n,

@@ -66,7 +66,23 @@ pub struct CoordinatorConfig {
     /// noise. The server-side modes also need the strategy wrapped in
     /// [`crate::dp::DpServer`].
     pub dp: Option<DpConfig>,
+    /// Round records kept in memory and in snapshots (the newest ones): a checkpoint's size
+    /// does not grow with the number of rounds. The driver logs every record as it ends.
+    pub history_window: usize,
+    /// A client that misses this many training deadlines in a row is excluded from sampling
+    /// for [`CoordinatorConfig::straggler_backoff`] (0: never excluded). Excluded clients are
+    /// still sampled when the others are too few for a round.
+    pub max_missed_deadlines: u32,
+    /// How long an excluded straggler sits out.
+    pub straggler_backoff: Duration,
+    /// Over-selection for plain rounds: this fraction more clients than the strategy asked
+    /// for are sampled, and training closes as soon as the strategy's number of results is
+    /// in (Bonawitz et al., "Towards Federated Learning at Scale", 2019). 0: off.
+    pub over_selection: f64,
 }
+
+/// Default [`CoordinatorConfig::history_window`].
+pub const DEFAULT_HISTORY_WINDOW: usize = 100;
 
 impl Default for CoordinatorConfig {
     fn default() -> Self {
@@ -82,6 +98,10 @@ impl Default for CoordinatorConfig {
             seed: 0,
             secure_aggregation: None,
             dp: None,
+            history_window: DEFAULT_HISTORY_WINDOW,
+            max_missed_deadlines: 2,
+            straggler_backoff: Duration::from_secs(600),
+            over_selection: 0.0,
         }
     }
 }
@@ -100,6 +120,15 @@ impl CoordinatorConfig {
                 "min_available_clients ({}) is below min_train_results ({})",
                 self.min_available_clients, self.min_train_results
             )));
+        }
+        if !(self.over_selection.is_finite() && (0.0..=10.0).contains(&self.over_selection)) {
+            return Err(Error::Config(format!(
+                "over_selection {} must be between 0 and 10",
+                self.over_selection
+            )));
+        }
+        if self.history_window == 0 {
+            return Err(Error::Config("history_window must be at least 1".into()));
         }
         if self.round_timeout.is_zero() {
             return Err(Error::Config("round_timeout must be positive".into()));
@@ -203,7 +232,20 @@ pub type Transmit = (ClientId, Message);
 struct ClientState {
     capabilities: Capabilities,
     last_seen: Instant,
+    straggling: Straggling,
 }
+
+/// A client's recent deadline record (kept across reconnects, see `Coordinator::stragglers`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Straggling {
+    /// Training deadlines missed in a row.
+    missed: u32,
+    /// Not sampled before this (unless needed).
+    excluded_until: Option<Instant>,
+}
+
+/// Most departed clients whose straggler record is remembered.
+const MAX_REMEMBERED_STRAGGLERS: usize = 10_000;
 
 #[derive(Debug)]
 struct TrainPhase {
@@ -214,6 +256,9 @@ struct TrainPhase {
     failures: Vec<Failure>,
     deadline: Instant,
     secagg: Option<Box<ServerRound>>,
+    /// Results that close the phase early (the strategy's count; over-selected clients
+    /// beyond it are not waited for).
+    target: usize,
 }
 
 #[derive(Debug)]
@@ -257,10 +302,12 @@ pub struct Snapshot {
     pub round: u64,
     /// Global model after that round.
     pub global: Params,
-    /// What happened in every round so far.
+    /// What happened in the last rounds (at most [`CoordinatorConfig::history_window`]).
     pub history: Vec<RoundRecord>,
     /// The strategy's own state.
     pub strategy_state: Vec<u8>,
+    /// The privacy accountant's state (RDP per order, steps), if differential privacy is on.
+    pub accountant: Option<(Vec<f64>, u64)>,
 }
 
 /// The server's round state machine. See the module docs.
@@ -268,6 +315,8 @@ pub struct Coordinator {
     config: CoordinatorConfig,
     strategy: Box<dyn Strategy>,
     clients: BTreeMap<ClientId, ClientState>,
+    /// Straggler records of clients that left, so that reconnecting does not clear them.
+    stragglers: BTreeMap<ClientId, Straggling>,
     global: Option<Params>,
     /// Last round started (0 before the first).
     round: u64,
@@ -320,6 +369,7 @@ impl Coordinator {
             config,
             strategy,
             clients: BTreeMap::new(),
+            stragglers: BTreeMap::new(),
             global: initial,
             round: 0,
             phase: Phase::Waiting,
@@ -343,11 +393,23 @@ impl Coordinator {
         let mut c = Self::new(config, strategy, Some(snapshot.global.clone()))?;
         c.round = snapshot.round;
         c.history = snapshot.history.clone();
-        // The privacy spent before the restart is rebuilt from the rounds' records.
-        if let Some(acc) = &mut c.accountant {
-            for p in c.history.iter().filter_map(|r| r.privacy.as_ref()) {
-                acc.compose(p.sampling_rate, p.noise_multiplier, 1);
-            }
+        let window = c.config.history_window;
+        if c.history.len() > window {
+            c.history.drain(..c.history.len() - window);
+        }
+        // The privacy spent before the restart: the accountant's saved state, or (snapshots
+        // without it) rebuilt from the rounds' records.
+        if c.accountant.is_some() {
+            c.accountant = Some(match &snapshot.accountant {
+                Some((rdp, steps)) => RdpAccountant::restore(rdp.clone(), *steps)?,
+                None => {
+                    let mut acc = RdpAccountant::new();
+                    for p in c.history.iter().filter_map(|r| r.privacy.as_ref()) {
+                        acc.compose(p.sampling_rate, p.noise_multiplier, 1);
+                    }
+                    acc
+                }
+            });
         }
         c.last_snapshot = Some(snapshot);
         if c.round >= c.config.num_rounds {
@@ -438,7 +500,7 @@ impl Coordinator {
 
     /// The driver's transport lost the connection to `client`.
     pub fn handle_disconnect(&mut self, now: Instant, client: &ClientId) {
-        if self.clients.remove(client).is_some() {
+        if self.remove_client(now, client) {
             self.fail(now, client, FailureReason::Disconnected);
         }
     }
@@ -480,12 +542,14 @@ impl Coordinator {
                 self.pump_secagg(now);
             }
             Phase::Train(t) if now >= t.deadline => {
-                for id in std::mem::take(&mut t.pending) {
+                let missed: Vec<ClientId> = std::mem::take(&mut t.pending).into_iter().collect();
+                for id in &missed {
                     t.failures.push(Failure {
-                        client: id,
+                        client: id.clone(),
                         reason: FailureReason::Timeout,
                     });
                 }
+                self.note_missed_deadlines(now, &missed);
                 self.close_train(now);
             }
             Phase::Evaluate(e) if now >= e.deadline => {
@@ -538,11 +602,13 @@ impl Coordinator {
                     // closed with `handle_disconnect` first, so the client is not enrolled.)
                     return Ok(());
                 }
+                let straggling = self.stragglers.remove(from).unwrap_or_default();
                 self.clients.insert(
                     from.clone(),
                     ClientState {
                         capabilities: h.capabilities,
                         last_seen: now,
+                        straggling,
                     },
                 );
                 self.transmits.push_back((
@@ -582,7 +648,7 @@ impl Coordinator {
             Message::Abort { round, reason } => {
                 // The client gives up on a round (or the session): a failure, not a violation.
                 if round.is_none() {
-                    self.clients.remove(from);
+                    self.remove_client(now, from);
                 }
                 self.fail(
                     now,
@@ -658,7 +724,11 @@ impl Coordinator {
             metrics: r.metrics,
             params: r.params,
         });
-        if current.pending.is_empty() {
+        let done = current.pending.is_empty() || current.results.len() >= current.target;
+        if let Some(c) = self.clients.get_mut(from) {
+            c.straggling.missed = 0;
+        }
+        if done {
             self.close_train(now);
         }
         Ok(())
@@ -724,7 +794,7 @@ impl Coordinator {
                 reason: AbortReason::ProtocolViolation(reason.clone()),
             },
         ));
-        self.clients.remove(client);
+        self.remove_client(now, client);
         self.events.push_back(Event::ClientDropped {
             client: client.clone(),
             reason: reason.clone(),
@@ -735,6 +805,14 @@ impl Coordinator {
     /// Records that `client` will not contribute to the current phase, and moves the phase on
     /// if that settles it.
     fn fail(&mut self, now: Instant, client: &ClientId, reason: FailureReason) {
+        // Reasons end up in round records and checkpoints: keep them short.
+        let reason = match reason {
+            FailureReason::Invalid(s) => FailureReason::Invalid(crate::bounds::truncate(
+                &s,
+                crate::bounds::DEFAULT_MAX_TEXT_BYTES as usize,
+            )),
+            other => other,
+        };
         match &mut self.phase {
             Phase::InitParams { asked, tried, .. } if asked == client => {
                 tried.insert(client.clone());
@@ -785,6 +863,69 @@ impl Coordinator {
             .collect()
     }
 
+    /// Clients that may be sampled now: all but excluded stragglers, unless leaving those
+    /// out would leave fewer than `min_train_results`.
+    fn eligible_infos(&self, now: Instant, secure_only: bool) -> Vec<ClientInfo> {
+        let usable = |c: &ClientState| !secure_only || c.capabilities.secure_aggregation;
+        let eligible: Vec<ClientInfo> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| usable(c) && c.straggling.excluded_until.is_none_or(|t| now >= t))
+            .map(|(id, c)| ClientInfo {
+                id: id.clone(),
+                capabilities: c.capabilities.clone(),
+            })
+            .collect();
+        if eligible.len() >= self.config.min_train_results {
+            return eligible;
+        }
+        self.client_infos()
+            .into_iter()
+            .filter(|i| !secure_only || i.capabilities.secure_aggregation)
+            .collect()
+    }
+
+    /// Whether `id` is excluded from sampling now.
+    pub fn is_excluded(&self, now: Instant, id: &ClientId) -> bool {
+        self.clients
+            .get(id)
+            .and_then(|c| c.straggling.excluded_until)
+            .is_some_and(|t| now < t)
+    }
+
+    /// Unenrolls a client, remembering its straggler record. True if it was enrolled.
+    fn remove_client(&mut self, now: Instant, id: &ClientId) -> bool {
+        let Some(c) = self.clients.remove(id) else {
+            return false;
+        };
+        if c.straggling != Straggling::default() {
+            self.stragglers
+                .retain(|_, s| s.excluded_until.is_some_and(|t| now < t) || s.missed > 0);
+            if self.stragglers.len() >= MAX_REMEMBERED_STRAGGLERS {
+                self.stragglers.pop_first();
+            }
+            self.stragglers.insert(id.clone(), c.straggling);
+        }
+        true
+    }
+
+    /// Records missed training deadlines; excludes repeat offenders.
+    fn note_missed_deadlines(&mut self, now: Instant, ids: &[ClientId]) {
+        let max = self.config.max_missed_deadlines;
+        if max == 0 {
+            return;
+        }
+        for id in ids {
+            if let Some(c) = self.clients.get_mut(id) {
+                c.straggling.missed += 1;
+                if c.straggling.missed >= max {
+                    c.straggling.excluded_until = Some(now + self.config.straggler_backoff);
+                    c.straggling.missed = 0;
+                }
+            }
+        }
+    }
+
     fn rng_for(&self, round: u64, stream: u64) -> ChaCha8Rng {
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed);
         rng.set_stream(round.wrapping_mul(4).wrapping_add(stream));
@@ -821,11 +962,8 @@ impl Coordinator {
         };
         self.round += 1;
         let round = self.round;
-        let mut infos = self.client_infos();
-        if self.config.secure_aggregation.is_some() {
-            // Only clients that implement the protocol can take part.
-            infos.retain(|c| c.capabilities.secure_aggregation);
-        }
+        // Only clients that implement the protocol can take part in a secure round.
+        let infos = self.eligible_infos(now, self.config.secure_aggregation.is_some());
         let mut rng = self.rng_for(round, 0);
         let plan = self.strategy.configure_train(round, &infos, &mut rng);
         let mut selected = BTreeSet::new();
@@ -835,6 +973,20 @@ impl Coordinator {
                 continue; // the strategy named an unknown client or named one twice
             }
             configs.push((id, config));
+        }
+        let target = configs.len();
+        if self.config.secure_aggregation.is_none()
+            && self.config.over_selection > 0.0
+            && let Some((_, template)) = configs.first().cloned()
+        {
+            let extra = (target as f64 * self.config.over_selection).ceil() as usize;
+            let mut rest: Vec<&ClientInfo> =
+                infos.iter().filter(|i| !selected.contains(&i.id)).collect();
+            rand::seq::SliceRandom::shuffle(rest.as_mut_slice(), &mut rng);
+            for info in rest.into_iter().take(extra) {
+                selected.insert(info.id.clone());
+                configs.push((info.id.clone(), template.clone()));
+            }
         }
         if let (Some(dp), Some(acc)) = (&self.config.dp, &mut self.accountant) {
             // Each round is one step of the sampled Gaussian mechanism at rate q.
@@ -932,6 +1084,7 @@ impl Coordinator {
             failures: Vec::new(),
             deadline,
             secagg,
+            target,
         });
         if let Phase::Train(t) = &self.phase
             && t.selected.len() < self.config.min_train_results
@@ -1047,10 +1200,13 @@ impl Coordinator {
             ));
         }
         let mut failures = t.failures;
-        failures.extend(t.pending.iter().map(|id| Failure {
-            client: id.clone(),
-            reason: FailureReason::Timeout,
-        }));
+        // Closed early because enough results are in: the over-selected rest did not fail.
+        if t.results.len() < t.target {
+            failures.extend(t.pending.iter().map(|id| Failure {
+                client: id.clone(),
+                reason: FailureReason::Timeout,
+            }));
+        }
         let mut record = RoundRecord {
             round: t.round,
             selected: t.selected.len(),
@@ -1137,7 +1293,7 @@ impl Coordinator {
             self.end_round(now, record);
             return;
         };
-        let infos = self.client_infos();
+        let infos = self.eligible_infos(now, false);
         let mut rng = self.rng_for(round, 1);
         let chosen: BTreeSet<ClientId> = self
             .strategy
@@ -1184,12 +1340,20 @@ impl Coordinator {
             record.privacy = self.round_privacy.take();
         }
         self.history.push(record.clone());
+        if self.history.len() > self.config.history_window {
+            let excess = self.history.len() - self.config.history_window;
+            self.history.drain(..excess);
+        }
         if let Some(global) = self.global.clone() {
             self.last_snapshot = Some(Snapshot {
                 round: record.round,
                 global,
                 history: self.history.clone(),
                 strategy_state: self.strategy.state(),
+                accountant: self
+                    .accountant
+                    .as_ref()
+                    .map(|a| (a.rdp().to_vec(), a.steps())),
             });
         }
         self.phase = Phase::Waiting;
@@ -1218,18 +1382,5 @@ impl Coordinator {
 
 /// Unweighted means of the clients' metrics (secure rounds hide the example counts).
 fn mean_metrics(all: &[Metrics]) -> Metrics {
-    let mut out = Metrics::new();
-    let mut counts: BTreeMap<&str, f64> = BTreeMap::new();
-    for m in all {
-        for (k, v) in m {
-            *out.entry(k.clone()).or_insert(0.0) += v;
-            *counts.entry(k.as_str()).or_insert(0.0) += 1.0;
-        }
-    }
-    for (k, v) in out.iter_mut() {
-        if let Some(c) = counts.get(k.as_str()) {
-            *v /= c;
-        }
-    }
-    out
+    crate::strategy::weighted_metrics(all.iter().map(|m| (1.0, m)))
 }

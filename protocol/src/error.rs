@@ -102,6 +102,24 @@ pub enum Error {
         /// Version supported.
         supported: u16,
     },
+    /// A peer-supplied count or length is over its bound (see [`crate::bounds`]).
+    #[error("{what} is {len}, over the limit of {max}")]
+    LimitExceeded {
+        /// What was measured.
+        what: &'static str,
+        /// Its value.
+        len: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// A read or send missed its deadline.
+    #[error("{what} timed out after {after_ms} ms")]
+    Timeout {
+        /// What was being done.
+        what: &'static str,
+        /// The deadline.
+        after_ms: u64,
+    },
     /// A misconfiguration.
     #[error("invalid configuration: {0}")]
     Config(String),

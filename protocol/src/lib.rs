@@ -33,6 +33,7 @@
     )
 )]
 
+pub mod bounds;
 pub mod codec;
 pub mod coordinator;
 pub mod dp;

@@ -8,6 +8,7 @@
 
 use rand::RngCore;
 use rand::seq::IndexedRandom;
+use std::collections::BTreeMap;
 
 use crate::Error;
 use crate::messages::{Capabilities, ClientId, EvaluateRes, Metrics, TrainConfig};
@@ -160,38 +161,63 @@ impl Sampling {
 
 /// Averages evaluation results weighted by example count.
 pub fn weighted_eval(results: &[(ClientId, EvaluateRes)]) -> Option<EvalSummary> {
-    let total: u64 = results.iter().map(|(_, r)| r.num_examples).sum();
+    let total = results
+        .iter()
+        .fold(0u64, |a, (_, r)| a.saturating_add(r.num_examples));
     if total == 0 {
         return None;
     }
-    let mut s = EvalSummary {
+    let weights: Vec<f64> = results.iter().map(|(_, r)| r.num_examples as f64).collect();
+    let sum: f64 = weights.iter().sum();
+    let loss = results
+        .iter()
+        .zip(&weights)
+        .map(|((_, r), w)| w / sum * r.loss)
+        .sum();
+    Some(EvalSummary {
         num_examples: total,
-        ..EvalSummary::default()
-    };
-    for (_, r) in results {
-        let w = r.num_examples as f64 / total as f64;
-        s.loss += w * r.loss;
-        for (k, v) in &r.metrics {
-            *s.metrics.entry(k.clone()).or_insert(0.0) += w * v;
-        }
-    }
-    Some(s)
+        loss,
+        metrics: weighted_metrics(
+            weights
+                .iter()
+                .copied()
+                .zip(results.iter().map(|(_, r)| &r.metrics)),
+        ),
+    })
 }
 
 /// Example-weighted means of the clients' training metrics.
 pub fn weighted_train_metrics(updates: &[ClientUpdate]) -> Metrics {
-    let total: u64 = updates.iter().map(|u| u.num_examples).sum();
-    let mut out = Metrics::new();
-    if total == 0 {
-        return out;
-    }
-    for u in updates {
-        let w = u.num_examples as f64 / total as f64;
-        for (k, v) in &u.metrics {
-            *out.entry(k.clone()).or_insert(0.0) += w * v;
+    weighted_metrics(updates.iter().map(|u| (u.num_examples as f64, &u.metrics)))
+}
+
+/// Most metric names kept in one aggregated map (a round record's).
+pub const MAX_AGGREGATED_METRICS: usize = crate::bounds::DEFAULT_MAX_METRICS as usize;
+
+/// Weighted means of metric maps, each name averaged over the maps that report it. Weights
+/// are summed as `f64`, so no count can overflow. At most [`MAX_AGGREGATED_METRICS`] names
+/// are kept, those reported by the most clients (ties: by name): one client cannot grow a
+/// round record, nor push out the names every honest client reports.
+pub fn weighted_metrics<'a>(items: impl IntoIterator<Item = (f64, &'a Metrics)>) -> Metrics {
+    let mut acc: BTreeMap<&str, (f64, f64, usize)> = BTreeMap::new();
+    for (w, m) in items {
+        for (k, v) in m {
+            let e = acc.entry(k.as_str()).or_insert((0.0, 0.0, 0));
+            e.0 += w * v;
+            e.1 += w;
+            e.2 += 1;
         }
     }
-    out
+    let mut names: Vec<(&str, usize)> = acc.iter().map(|(k, e)| (*k, e.2)).collect();
+    names.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    names
+        .into_iter()
+        .take(MAX_AGGREGATED_METRICS)
+        .filter_map(|(k, _)| {
+            let (sum, w, _) = acc.get(k)?;
+            (*w > 0.0).then(|| (k.to_string(), sum / w))
+        })
+        .collect()
 }
 
 /// An aggregation strategy (Flower's `Strategy`, with typed configs).

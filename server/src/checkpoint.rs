@@ -37,6 +37,8 @@ struct Header {
     manifest: Manifest,
     history: Vec<RoundRecord>,
     num_values: u64,
+    #[serde(default)]
+    accountant: Option<(Vec<f64>, u64)>,
 }
 
 /// Path of the checkpoint for `round` in `dir`.
@@ -61,6 +63,7 @@ pub fn write(dir: &Path, snapshot: &Snapshot, strategy: &str) -> Result<PathBuf,
         manifest: (**snapshot.global.manifest()).clone(),
         history: snapshot.history.clone(),
         num_values: snapshot.global.len() as u64,
+        accountant: snapshot.accountant.clone(),
     };
     let header = serde_json::to_vec(&header).map_err(|e| Error::Checkpoint {
         path: dir.to_path_buf(),
@@ -147,9 +150,27 @@ pub fn read(path: &Path) -> Result<(Snapshot, String), Error> {
             global,
             history: header.history,
             strategy_state: header.strategy_state,
+            accountant: header.accountant,
         },
         header.strategy,
     ))
+}
+
+/// Appends one round record to the run's history log (one JSON object per line, fsynced).
+/// Checkpoints keep only the last rounds; this log keeps them all, for operators.
+pub fn append_history(path: &Path, record: &RoundRecord) -> Result<(), Error> {
+    let mut line = serde_json::to_vec(record).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: format!("encoding a round record: {e}"),
+    })?;
+    line.push(b'\n');
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))?;
+    f.write_all(&line).map_err(io(path))?;
+    f.sync_data().map_err(io(path))
 }
 
 /// Checkpoint files in `dir`, newest round first.
@@ -307,6 +328,7 @@ mod tests {
             )
             .unwrap(),
             history: Vec::new(),
+            accountant: None,
             strategy_state: vec![1, 2, 3],
         }
     }

@@ -106,6 +106,16 @@ pub struct RoundsConfig {
     pub seed: u64,
     /// Seconds without any message after which a client is dropped.
     pub idle_timeout_secs: f64,
+    /// Round records kept in memory and in checkpoints (every record is also appended to
+    /// `history.jsonl` in the checkpoint directory).
+    pub history_window: usize,
+    /// Training deadlines missed in a row before a client sits out (0: never).
+    pub max_missed_deadlines: u32,
+    /// Seconds an excluded straggler sits out.
+    pub straggler_backoff_secs: f64,
+    /// Sample this fraction more clients than the strategy asks for and close training as
+    /// soon as the strategy's number of results is in (plain rounds only).
+    pub over_selection: f64,
 }
 
 impl Default for RoundsConfig {
@@ -118,6 +128,10 @@ impl Default for RoundsConfig {
             evaluate_every: 1,
             seed: 0,
             idle_timeout_secs: 120.0,
+            history_window: flotilla_protocol::coordinator::DEFAULT_HISTORY_WINDOW,
+            max_missed_deadlines: 2,
+            straggler_backoff_secs: 600.0,
+            over_selection: 0.0,
         }
     }
 }
@@ -268,6 +282,126 @@ impl TrainSettings {
     }
 }
 
+/// Bounds on what peers (enrolled or not) can make the server hold or wait for. See the
+/// threat model in `docs/threat-model.md`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections at once, all identities together.
+    pub max_connections: usize,
+    /// Connections at once per client identity (one live session plus a newcomer).
+    pub max_connections_per_identity: usize,
+    /// TLS handshakes in progress at once; further attempts are refused.
+    pub max_handshakes: usize,
+    /// Above this many handshakes in progress, unvalidated addresses must answer a QUIC
+    /// Retry first (address validation; 0: always).
+    pub retry_above_handshakes: usize,
+    /// Seconds a handshake may take.
+    pub handshake_timeout_secs: f64,
+    /// Seconds a new connection has to send its Hello.
+    pub hello_timeout_secs: f64,
+    /// Fixed seconds allowed for reading or sending any one message...
+    pub io_timeout_secs: f64,
+    /// ...plus its size at this rate (bytes per second): slower peers are closed.
+    pub min_transfer_rate: u64,
+    /// Messages queued for one client before it counts as too slow and is closed.
+    pub send_queue: usize,
+    /// Times per minute one identity's live connection may be replaced by a new one.
+    pub replacements_per_minute: u32,
+    /// A connection that delivered anything within this many seconds is live: a second
+    /// connection with its identity is refused rather than allowed to replace it.
+    pub live_connection_secs: f64,
+    /// Metrics per result.
+    pub max_metrics: u32,
+    /// Bytes per metric name.
+    pub max_metric_name_bytes: u32,
+    /// Bytes per free-text field (reasons, capability strings).
+    pub max_text_bytes: u32,
+    /// Seconds between re-reads of the CRL file (it is also re-read on SIGHUP).
+    pub crl_reload_secs: f64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_connections_per_identity: 2,
+            max_handshakes: 256,
+            retry_above_handshakes: 32,
+            handshake_timeout_secs: 10.0,
+            hello_timeout_secs: 10.0,
+            io_timeout_secs: 10.0,
+            min_transfer_rate: 64 * 1024,
+            send_queue: 32,
+            replacements_per_minute: 3,
+            live_connection_secs: 30.0,
+            max_metrics: flotilla_protocol::bounds::DEFAULT_MAX_METRICS,
+            max_metric_name_bytes: flotilla_protocol::bounds::DEFAULT_MAX_NAME_BYTES,
+            max_text_bytes: flotilla_protocol::bounds::DEFAULT_MAX_TEXT_BYTES,
+            crl_reload_secs: 30.0,
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self) -> Result<(), Error> {
+        for (v, what) in [
+            (self.handshake_timeout_secs, "handshake_timeout_secs"),
+            (self.hello_timeout_secs, "hello_timeout_secs"),
+            (self.io_timeout_secs, "io_timeout_secs"),
+            (self.crl_reload_secs, "crl_reload_secs"),
+            (self.live_connection_secs, "live_connection_secs"),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(Error::Config(format!(
+                    "limits.{what} must be a positive number of seconds"
+                )));
+            }
+        }
+        for (v, what) in [
+            (self.max_connections, "max_connections"),
+            (
+                self.max_connections_per_identity,
+                "max_connections_per_identity",
+            ),
+            (self.max_handshakes, "max_handshakes"),
+            (self.send_queue, "send_queue"),
+        ] {
+            if v == 0 {
+                return Err(Error::Config(format!("limits.{what} must be at least 1")));
+            }
+        }
+        if self.min_transfer_rate == 0 {
+            return Err(Error::Config(
+                "limits.min_transfer_rate must be positive".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The codec limits for messages from clients.
+    pub fn codec_limits(&self, max_payload_bytes: u64) -> flotilla_protocol::codec::Limits {
+        flotilla_protocol::codec::Limits {
+            max_payload_bytes,
+            max_metrics: self.max_metrics,
+            max_name_bytes: self.max_metric_name_bytes,
+            max_text_bytes: self.max_text_bytes,
+            ..Default::default()
+        }
+    }
+
+    /// The deadline rule for moving one message.
+    pub fn io_deadline(&self) -> flotilla_protocol::quic::IoDeadline {
+        flotilla_protocol::quic::IoDeadline {
+            base: Duration::from_secs_f64(self.io_timeout_secs),
+            min_bytes_per_sec: self.min_transfer_rate,
+        }
+    }
+}
+
+/// Default [`ServerConfig::max_model_bytes`]: 1 GiB.
+pub const DEFAULT_MAX_MODEL_BYTES: u64 = 1 << 30;
+
 /// The whole server configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -286,8 +420,12 @@ pub struct ServerConfig {
     pub checkpoint_dir: PathBuf,
     /// Initial model (safetensors or a Flotilla checkpoint); else a client's.
     pub initial_model: Option<PathBuf>,
-    /// Largest model accepted, in bytes.
+    /// Largest initial model accepted from a client (asked only when no initial model is
+    /// configured), in bytes. Once the model is known, every payload must match its manifest
+    /// exactly.
     pub max_model_bytes: u64,
+    /// Bounds on what peers can make the server hold or wait for.
+    pub limits: LimitsConfig,
     /// Secure aggregation; absent: off.
     pub secure_aggregation: Option<SecAggConfig>,
     /// Differential privacy; absent: off.
@@ -304,7 +442,8 @@ impl Default for ServerConfig {
             train: TrainSettings::default(),
             checkpoint_dir: "checkpoints".into(),
             initial_model: None,
-            max_model_bytes: flotilla_protocol::codec::DEFAULT_MAX_PAYLOAD_BYTES,
+            max_model_bytes: DEFAULT_MAX_MODEL_BYTES,
+            limits: LimitsConfig::default(),
             secure_aggregation: None,
             dp: None,
         }
@@ -344,8 +483,13 @@ impl ServerConfig {
             seed: self.rounds.seed,
             secure_aggregation: self.secure_aggregation.clone(),
             dp: self.dp.clone(),
+            history_window: self.rounds.history_window,
+            max_missed_deadlines: self.rounds.max_missed_deadlines,
+            straggler_backoff: secs(self.rounds.straggler_backoff_secs, "straggler_backoff_secs")?,
+            over_selection: self.rounds.over_selection,
         };
         c.validate()?;
+        self.limits.validate()?;
         Ok(c)
     }
 

@@ -1,35 +1,58 @@
 //! The server's driver: a quinn endpoint that pumps QUIC streams into the
 //! [`Coordinator`] and fires its timers. It holds no round logic.
 //!
-//! * One task per connection: it takes the client id from the verified certificate (never
-//!   from a message), then reads one message per unidirectional stream, in order, with the
-//!   codec's limits and the global model's manifest checked before any payload is allocated.
-//! * One writer task per connection sends what the coordinator queues for that client, in
-//!   order, streaming model payloads in chunks straight from the shared global parameters.
-//! * The central task owns the coordinator: it feeds it inputs and timeouts, routes its
-//!   transmits, closes the connections of clients it drops, and writes a checkpoint after
-//!   every round before going on.
+//! * **Admission.** Handshakes in progress are capped (`limits.max_handshakes`; more are
+//!   refused), above `limits.retry_above_handshakes` unvalidated addresses must first answer
+//!   a QUIC Retry (address validation: no state is kept for a spoofed source), and a
+//!   handshake must finish within `limits.handshake_timeout_secs`. Refused handshakes are
+//!   counted and summarised every 30 s, not logged one by one. Connections are capped in
+//!   total and per identity.
+//! * **One task per connection** takes the client id from the verified certificate (never
+//!   from a message) and reads nothing before the Hello, which must come within
+//!   `limits.hello_timeout_secs` and carries no payload. It then reads one message per
+//!   unidirectional stream, in order, each within a deadline sized from its length
+//!   (`limits.io_timeout_secs` plus its size at `limits.min_transfer_rate`). No payload is
+//!   accepted before there is a global model, except from the one client asked for the
+//!   initial model (bounded by `max_model_bytes`); once there is a model, every payload must
+//!   match its manifest, checked before anything is allocated.
+//! * **One identity, one session.** A Hello for an identity whose connection is live
+//!   (anything delivered within `limits.live_connection_secs`) is refused with close code
+//!   [`close::IDENTITY_IN_USE`]: a copied certificate cannot evict its owner. A stale or
+//!   closed connection is replaced (at most `limits.replacements_per_minute` times a
+//!   minute). Both are logged at WARN with both addresses.
+//! * **One writer task per connection** sends what the coordinator queues for that client,
+//!   in order, each send within its deadline; the queue is bounded (`limits.send_queue`)
+//!   and a client that cannot keep up is closed.
+//! * **The central task** owns the coordinator: it feeds it inputs and timeouts, routes its
+//!   transmits, closes the connections of clients it drops or replaces itself, re-reads the
+//!   CRL (when the file changes, checked every `limits.crl_reload_secs`, and on
+//!   [`RunningServer::reload_crl`]) and closes revoked clients' connections, and writes a
+//!   checkpoint (and a line of `history.jsonl`) after every round before going on.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use flotilla_crypto::pki::{Identity, client_id_from_cert, load_certs, load_crls};
+use flotilla_crypto::pki::{
+    Identity, client_id_from_cert, crl_entries, load_certs, load_crls, serial_of,
+};
 use flotilla_crypto::tls;
 use flotilla_protocol::codec::Limits;
 use flotilla_protocol::coordinator::{Coordinator, Event, RoundRecord};
-use flotilla_protocol::quic::{recv_message, send_message};
+use flotilla_protocol::messages::AbortReason;
+use flotilla_protocol::quic::{IoDeadline, close, recv_message_timed, send_message_timed};
 use flotilla_protocol::{ClientId, Manifest, Message, Params};
 use rustls_pki_types::CertificateDer;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::checkpoint;
-use crate::config::ServerConfig;
+use crate::config::{LimitsConfig, ServerConfig};
 
 /// What the server did.
 #[derive(Clone, Debug, Default)]
@@ -50,6 +73,7 @@ pub struct RunningServer {
     /// The address it listens on.
     pub local_addr: SocketAddr,
     shutdown: watch::Sender<bool>,
+    reload: Arc<Notify>,
     endpoint: quinn::Endpoint,
     task: JoinHandle<Result<RunSummary, Error>>,
 }
@@ -73,6 +97,12 @@ impl RunningServer {
         let _ = self.shutdown.send(true);
     }
 
+    /// Asks the server to re-read its CRL now (the binary calls this on SIGHUP): new
+    /// handshakes use it, and live connections of revoked certificates are closed.
+    pub fn reload_crl(&self) {
+        self.reload.notify_one();
+    }
+
     /// Kills the server at once, as a crash would: the task stops mid-flight and every
     /// connection is dropped (tests use it to check resuming from checkpoints).
     pub async fn kill(self) {
@@ -84,10 +114,11 @@ impl RunningServer {
 }
 
 enum Input {
-    Connected {
+    /// A connection sent its Hello.
+    Hello {
         id: ClientId,
-        conn_id: u64,
-        conn: quinn::Connection,
+        conn: Arc<Conn>,
+        hello: Message,
     },
     Message {
         id: ClientId,
@@ -106,13 +137,88 @@ enum Input {
     },
 }
 
-struct Client {
+/// One established connection, as the central task knows it.
+struct Conn {
     conn_id: u64,
-    tx: mpsc::UnboundedSender<Message>,
+    conn: quinn::Connection,
+    remote: SocketAddr,
+    /// Serial number of the client's certificate (for revocation).
+    serial: Vec<u8>,
+    /// Milliseconds since the server started at which this connection last delivered a
+    /// message or opened a stream.
+    activity: AtomicU64,
 }
 
-/// Builds the quinn endpoint from the configured TLS files.
-pub fn endpoint(config: &ServerConfig) -> Result<quinn::Endpoint, Error> {
+struct Client {
+    conn: Arc<Conn>,
+    tx: mpsc::Sender<Message>,
+}
+
+/// What connection tasks need to know about the model: payloads are accepted only when they
+/// fit it (or, before there is one, only from the client asked for it).
+#[derive(Clone, Debug, Default)]
+struct ModelGate {
+    manifest: Option<Arc<Manifest>>,
+    asked: Option<ClientId>,
+}
+
+/// Counters shared by the accept loop and the connection tasks.
+#[derive(Debug, Default)]
+struct Admission {
+    handshakes: AtomicUsize,
+    connections: AtomicUsize,
+    per_identity: Mutex<HashMap<ClientId, usize>>,
+    refused_handshakes: AtomicU64,
+}
+
+/// Decrements a counter when dropped.
+struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Holds one connection slot of an identity (and of the total) until dropped.
+struct IdentitySlot {
+    admission: Arc<Admission>,
+    id: ClientId,
+}
+
+impl IdentitySlot {
+    fn take(admission: &Arc<Admission>, id: &ClientId, limits: &LimitsConfig) -> Option<Self> {
+        let total = admission.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut per = admission.per_identity.lock().ok()?;
+        let n = per.entry(id.clone()).or_insert(0);
+        *n += 1;
+        let slot = Self {
+            admission: admission.clone(),
+            id: id.clone(),
+        };
+        let over = *n > limits.max_connections_per_identity || total > limits.max_connections;
+        drop(per);
+        (!over).then_some(slot)
+    }
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        self.admission.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut per) = self.admission.per_identity.lock()
+            && let Some(n) = per.get_mut(&self.id)
+        {
+            *n -= 1;
+            if *n == 0 {
+                per.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// The quinn server configuration from the configured TLS files (the CRL as it is on disk
+/// now).
+pub fn quinn_server_config(config: &ServerConfig) -> Result<quinn::ServerConfig, Error> {
     let identity = Identity::load(&config.tls.cert, &config.tls.key)?;
     let ca = load_certs(&config.tls.ca)?;
     let crls = match &config.tls.crl {
@@ -124,6 +230,14 @@ pub fn endpoint(config: &ServerConfig) -> Result<quinn::Endpoint, Error> {
         .map_err(|e| Error::Config(format!("TLS config unusable for QUIC: {e}")))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
     sc.transport_config(Arc::new(flotilla_protocol::quic::transport_config()));
+    // Connection attempts waiting to be accepted are bounded too.
+    sc.max_incoming(config.limits.max_handshakes);
+    Ok(sc)
+}
+
+/// Builds the quinn endpoint from the configured TLS files.
+pub fn endpoint(config: &ServerConfig) -> Result<quinn::Endpoint, Error> {
+    let sc = quinn_server_config(config)?;
     quinn::Endpoint::server(sc, config.listen).map_err(|source| Error::Io {
         path: format!("udp://{}", config.listen).into(),
         source,
@@ -192,63 +306,159 @@ pub fn start(
         config.strategy.name
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let reload = Arc::new(Notify::new());
     let task = tokio::spawn(run(
         config,
         coordinator,
         endpoint.clone(),
         shutdown_rx,
+        reload.clone(),
         observer,
     ));
     Ok(RunningServer {
         local_addr,
         shutdown,
+        reload,
         endpoint,
         task,
     })
 }
 
-fn peer_client_id(conn: &quinn::Connection) -> Result<ClientId, String> {
+fn peer_certificate(conn: &quinn::Connection) -> Result<(ClientId, Vec<u8>), String> {
     let any = conn.peer_identity().ok_or("no client certificate")?;
     let certs = any
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| "unexpected peer identity type")?;
     let leaf = certs.first().ok_or("empty certificate chain")?;
-    client_id_from_cert(leaf)
+    let id = client_id_from_cert(leaf)
         .map(ClientId::new)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    let serial = serial_of(leaf).map_err(|e| e.to_string())?;
+    Ok((id, serial))
 }
 
-async fn serve_connection(
-    incoming: quinn::Incoming,
-    conn_id: u64,
-    tx: mpsc::UnboundedSender<Input>,
-    expected: Arc<RwLock<Option<Arc<Manifest>>>>,
-    limits: Limits,
-) {
+/// Everything a connection task needs, shared.
+#[derive(Clone)]
+struct Shared {
+    tx: mpsc::Sender<Input>,
+    gate: Arc<RwLock<ModelGate>>,
+    admission: Arc<Admission>,
+    limits: LimitsConfig,
+    codec: Limits,
+    deadline: IoDeadline,
+    epoch: Instant,
+}
+
+fn millis_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+/// Completes a handshake (within its deadline), then serves the connection.
+async fn serve_incoming(incoming: quinn::Incoming, conn_id: u64, shared: Shared) {
     let remote = incoming.remote_address();
-    let conn = match incoming.await {
-        Ok(c) => c,
-        Err(e) => {
-            // Bad, revoked, expired or foreign certificates end here.
-            info!("refused connection from {remote}: {e}");
+    let handshake = {
+        let _held = Held(&shared.admission.handshakes);
+        let limit = Duration::from_secs_f64(shared.limits.handshake_timeout_secs);
+        tokio::time::timeout(limit, incoming).await
+    };
+    let conn = match handshake {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            // Bad, revoked, expired or foreign certificates end here: counted, summarised.
+            shared
+                .admission
+                .refused_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("refused connection from {remote}: {e}");
+            return;
+        }
+        Err(_) => {
+            shared
+                .admission
+                .refused_handshakes
+                .fetch_add(1, Ordering::Relaxed);
+            debug!("handshake from {remote} timed out");
             return;
         }
     };
-    let id = match peer_client_id(&conn) {
-        Ok(id) => id,
+    let (id, serial) = match peer_certificate(&conn) {
+        Ok(v) => v,
         Err(e) => {
             warn!("refused connection from {remote}: {e}");
-            conn.close(1u32.into(), b"no usable client id in certificate");
+            conn.close(
+                close::BAD_IDENTITY.into(),
+                b"no usable client id in certificate",
+            );
             return;
         }
     };
+    let Some(_slot) = IdentitySlot::take(&shared.admission, &id, &shared.limits) else {
+        warn!(client = %id, "refused connection from {remote}: too many connections");
+        conn.close(close::TOO_MANY_CONNECTIONS.into(), b"too many connections");
+        return;
+    };
     debug!(client = %id, "connected from {remote}");
-    if tx
-        .send(Input::Connected {
+    let c = Arc::new(Conn {
+        conn_id,
+        conn: conn.clone(),
+        remote,
+        serial,
+        activity: AtomicU64::new(millis_since(shared.epoch)),
+    });
+    serve_connection(c, id, shared).await;
+}
+
+async fn serve_connection(c: Arc<Conn>, id: ClientId, shared: Shared) {
+    let conn = c.conn.clone();
+    let conn_id = c.conn_id;
+    // Nothing but a payload-less Hello is read before the client is known to speak the
+    // protocol, and it must come in time.
+    let hello_limits = Limits {
+        max_payload_bytes: 0,
+        ..shared.codec
+    };
+    let first = tokio::time::timeout(
+        Duration::from_secs_f64(shared.limits.hello_timeout_secs),
+        async {
+            let mut s = conn
+                .accept_uni()
+                .await
+                .map_err(|e| flotilla_protocol::Error::Transport(e.to_string()))?;
+            recv_message_timed(&mut s, &hello_limits, None, &shared.deadline).await
+        },
+    )
+    .await;
+    let hello = match first {
+        Ok(Ok((m @ Message::Hello(_), _))) => m,
+        Ok(Ok((m, _))) => {
+            debug!(client = %id, "first message was {}, not Hello", m.kind());
+            conn.close(
+                close::PROTOCOL_VIOLATION.into(),
+                b"the first message must be Hello",
+            );
+            return;
+        }
+        Ok(Err(e)) => {
+            debug!(client = %id, "no valid Hello: {e}");
+            conn.close(close::PROTOCOL_VIOLATION.into(), b"invalid Hello");
+            return;
+        }
+        Err(_) => {
+            debug!(client = %id, "no Hello in time");
+            conn.close(close::NO_HELLO.into(), b"no Hello in time");
+            return;
+        }
+    };
+    c.activity
+        .store(millis_since(shared.epoch), Ordering::Relaxed);
+    if shared
+        .tx
+        .send(Input::Hello {
             id: id.clone(),
-            conn_id,
-            conn: conn.clone(),
+            conn: c.clone(),
+            hello,
         })
+        .await
         .is_err()
     {
         return;
@@ -258,12 +468,38 @@ async fn serve_connection(
             Ok(s) => s,
             Err(e) => {
                 debug!(client = %id, "connection closed: {e}");
-                let _ = tx.send(Input::Closed { id, conn_id });
+                let _ = shared.tx.send(Input::Closed { id, conn_id }).await;
                 return;
             }
         };
-        let expect = expected.read().ok().and_then(|g| g.clone());
-        let input = match recv_message(&mut stream, &limits, expect.as_deref()).await {
+        c.activity
+            .store(millis_since(shared.epoch), Ordering::Relaxed);
+        let gate = shared
+            .gate
+            .read()
+            .ok()
+            .map(|g| g.clone())
+            .unwrap_or_default();
+        let limits = match (&gate.manifest, &gate.asked) {
+            // Payloads must match the model (checked before allocation).
+            (Some(_), _) => shared.codec,
+            // Before there is a model, only the client asked for one may send a payload.
+            (None, Some(asked)) if *asked == id => shared.codec,
+            (None, _) => Limits {
+                max_payload_bytes: 0,
+                ..shared.codec
+            },
+        };
+        let read = recv_message_timed(
+            &mut stream,
+            &limits,
+            gate.manifest.as_deref(),
+            &shared.deadline,
+        )
+        .await;
+        c.activity
+            .store(millis_since(shared.epoch), Ordering::Relaxed);
+        let input = match read {
             Ok((msg, bytes)) => {
                 debug!(client = %id, "received {} ({bytes} bytes)", msg.kind());
                 Input::Message {
@@ -283,82 +519,279 @@ async fn serve_connection(
                 error,
             },
         };
-        if tx.send(input).is_err() {
+        if shared.tx.send(input).await.is_err() {
             return;
         }
     }
 }
 
-/// Sends queued messages to one client in order; when the queue closes, waits (briefly) for
-/// the last message to be acknowledged, then closes the connection.
+/// Sends queued messages to one client in order, each within its deadline; when the queue
+/// closes, waits (briefly) for the last message to be acknowledged, then closes the
+/// connection. A send that misses its deadline closes the connection.
 async fn writer(
     conn: quinn::Connection,
-    mut rx: mpsc::UnboundedReceiver<Message>,
-    sent: Arc<std::sync::atomic::AtomicU64>,
+    mut rx: mpsc::Receiver<Message>,
+    sent: Arc<AtomicU64>,
+    deadline: IoDeadline,
 ) {
     while let Some(msg) = rx.recv().await {
-        match send_message(&conn, &msg).await {
+        match send_message_timed(&conn, &msg, &deadline).await {
             Ok(n) => {
-                sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                sent.fetch_add(n, Ordering::Relaxed);
             }
             Err(e) => {
                 debug!("send failed: {e}");
-                break;
+                conn.close(close::TOO_SLOW.into(), b"send deadline missed");
+                return;
             }
         }
     }
     // Give the peer a moment to read what was sent (an Abort telling it why) before closing.
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-    conn.close(0u32.into(), b"bye");
+    conn.close(close::DONE.into(), b"bye");
+}
+
+/// Closes a connection after a short grace (time for a queued Abort to leave), whatever its
+/// writer is doing.
+fn close_soon(conn: &quinn::Connection, code: u32, reason: &'static [u8]) {
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = conn.closed() => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => conn.close(code.into(), reason),
+        }
+    });
+}
+
+/// The CRL's revoked serials, if a CRL is configured and readable.
+fn revoked_serials(config: &ServerConfig) -> Option<BTreeSet<Vec<u8>>> {
+    let path = config.tls.crl.as_ref()?;
+    match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|pem| crl_entries(&pem).map_err(|e| e.to_string()))
+    {
+        Ok((serials, _)) => Some(serials.into_iter().collect()),
+        Err(e) => {
+            warn!(
+                "cannot read the CRL {}: {e}; keeping the previous one",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+/// Modification time and length of the CRL file (to notice changes).
+fn crl_stamp(config: &ServerConfig) -> Option<(std::time::SystemTime, u64)> {
+    let m = std::fs::metadata(config.tls.crl.as_ref()?).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+struct Central {
+    config: ServerConfig,
+    coord: Coordinator,
+    clients: HashMap<ClientId, Client>,
+    replacements: HashMap<ClientId, VecDeque<Instant>>,
+    revoked: BTreeSet<Vec<u8>>,
+    sent: Arc<AtomicU64>,
+    epoch: Instant,
+    writers: Vec<JoinHandle<()>>,
+}
+
+impl Central {
+    /// Removes a client's connection (closing it now with `code`) and tells the coordinator.
+    fn disconnect(&mut self, now: Instant, id: &ClientId, code: u32, reason: &'static [u8]) {
+        if let Some(c) = self.clients.remove(id) {
+            c.conn.conn.close(code.into(), reason);
+            self.coord.handle_disconnect(now, id);
+        }
+    }
+
+    /// A Hello from `conn`: enroll it, replace a stale session, or refuse it (copied
+    /// certificate, too many replacements).
+    fn on_hello(&mut self, now: Instant, id: ClientId, conn: Arc<Conn>, hello: Message) {
+        if self.revoked.contains(&conn.serial) {
+            warn!(client = %id, "refused {}: certificate revoked", conn.remote);
+            conn.conn
+                .close(close::REVOKED.into(), b"certificate revoked");
+            return;
+        }
+        if let Some(old) = self.clients.get(&id) {
+            let idle_ms =
+                millis_since(self.epoch).saturating_sub(old.conn.activity.load(Ordering::Relaxed));
+            let live_window = (self.config.limits.live_connection_secs * 1000.0) as u64;
+            let live = old.conn.conn.close_reason().is_none() && idle_ms < live_window;
+            let recent = self.replacements.entry(id.clone()).or_default();
+            while recent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > Duration::from_secs(60))
+            {
+                recent.pop_front();
+            }
+            let too_many = recent.len() >= self.config.limits.replacements_per_minute as usize;
+            if live || too_many {
+                warn!(
+                    client = %id,
+                    "refused a second connection for this identity from {} while the one from {} is {}; \
+                     a copied certificate, or the owner restarting (it may retry once the old connection is stale)",
+                    conn.remote,
+                    old.conn.remote,
+                    if live { "live" } else { "replaced too often" }
+                );
+                conn.conn.close(
+                    close::IDENTITY_IN_USE.into(),
+                    b"another device is using this identity",
+                );
+                return;
+            }
+            recent.push_back(now);
+            warn!(
+                client = %id,
+                "connection from {} replaces the stale one from {} (idle {} ms)",
+                conn.remote,
+                old.conn.remote,
+                idle_ms
+            );
+            self.disconnect(now, &id, close::REPLACED, b"replaced by a newer connection");
+        }
+        self.replacements.retain(|_, v| {
+            v.back()
+                .is_some_and(|t| now.duration_since(*t) <= Duration::from_secs(60))
+        });
+        let (ctx, crx) = mpsc::channel(self.config.limits.send_queue);
+        self.writers.push(tokio::spawn(writer(
+            conn.conn.clone(),
+            crx,
+            self.sent.clone(),
+            self.config.limits.io_deadline(),
+        )));
+        self.writers.retain(|w| !w.is_finished());
+        self.clients.insert(id.clone(), Client { conn, tx: ctx });
+        if let Err(e) = self.coord.handle_message(now, &id, hello) {
+            debug!(client = %id, "hello refused: {e}");
+        }
+    }
+
+    /// Re-reads the CRL: new handshakes check it, live revoked clients are closed.
+    fn reload_crl(&mut self, endpoint: &quinn::Endpoint) {
+        match quinn_server_config(&self.config) {
+            Ok(sc) => endpoint.set_server_config(Some(sc)),
+            Err(e) => {
+                warn!("CRL reload failed, keeping the previous one: {e}");
+                return;
+            }
+        }
+        let Some(revoked) = revoked_serials(&self.config) else {
+            return;
+        };
+        self.revoked = revoked;
+        let now = Instant::now();
+        let gone: Vec<ClientId> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| self.revoked.contains(&c.conn.serial))
+            .map(|(id, _)| id.clone())
+            .collect();
+        info!("CRL reloaded: {} serials revoked", self.revoked.len());
+        for id in gone {
+            warn!(client = %id, "certificate revoked; closing its connection");
+            self.disconnect(now, &id, close::REVOKED, b"certificate revoked");
+        }
+    }
 }
 
 async fn run(
     config: ServerConfig,
-    mut coord: Coordinator,
+    coord: Coordinator,
     endpoint: quinn::Endpoint,
     mut shutdown: watch::Receiver<bool>,
+    reload: Arc<Notify>,
     observer: Option<mpsc::UnboundedSender<Event>>,
 ) -> Result<RunSummary, Error> {
-    let limits = Limits {
-        max_payload_bytes: config.max_model_bytes,
-        ..Limits::default()
+    let epoch = Instant::now();
+    let gate: Arc<RwLock<ModelGate>> = Arc::new(RwLock::new(ModelGate::default()));
+    let admission = Arc::new(Admission::default());
+    // Inputs from connection tasks: bounded, so a flood of messages slows its senders down
+    // instead of growing the server.
+    let (tx, mut rx) = mpsc::channel::<Input>(1024);
+    let shared = Shared {
+        tx,
+        gate: gate.clone(),
+        admission: admission.clone(),
+        limits: config.limits.clone(),
+        codec: config.limits.codec_limits(config.max_model_bytes),
+        deadline: config.limits.io_deadline(),
+        epoch,
     };
-    let expected: Arc<RwLock<Option<Arc<Manifest>>>> = Arc::new(RwLock::new(None));
-    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut received = 0u64;
-    let (tx, mut rx) = mpsc::unbounded_channel::<Input>();
-    let mut clients: HashMap<ClientId, Client> = HashMap::new();
-    let mut writers: Vec<JoinHandle<()>> = Vec::new();
     let mut next_conn_id = 0u64;
     let strategy_name = config.strategy.name.clone();
+    let mut crl_stamp_seen = crl_stamp(&config);
+    let mut central = Central {
+        revoked: revoked_serials(&config).unwrap_or_default(),
+        config,
+        coord,
+        clients: HashMap::new(),
+        replacements: HashMap::new(),
+        sent: Arc::new(AtomicU64::new(0)),
+        epoch,
+        writers: Vec::new(),
+    };
+    let mut crl_tick = tokio::time::interval(Duration::from_secs_f64(
+        central.config.limits.crl_reload_secs,
+    ));
+    crl_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut summary_tick = tokio::time::interval(Duration::from_secs(30));
+    summary_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut refused_reported = 0u64;
+    let history_log = central.config.checkpoint_dir.join("history.jsonl");
 
     loop {
         // Route everything the coordinator wants done.
         let mut finished = false;
-        while let Some((to, msg)) = coord.poll_transmit() {
+        let mut too_slow = Vec::new();
+        while let Some((to, msg)) = central.coord.poll_transmit() {
             debug!(client = %to, "sending {}", msg.kind());
-            if let Some(c) = clients.get(&to) {
-                let _ = c.tx.send(msg);
+            if matches!(msg, Message::GetParams)
+                && let Ok(mut g) = gate.write()
+            {
+                g.asked = Some(to.clone());
+            }
+            if let Some(c) = central.clients.get(&to)
+                && c.tx.try_send(msg).is_err()
+            {
+                too_slow.push(to);
             }
         }
-        while let Some(ev) = coord.poll_event() {
+        for id in too_slow {
+            warn!(client = %id, "cannot keep up with its send queue; closing");
+            central.disconnect(Instant::now(), &id, close::TOO_SLOW, b"send queue full");
+        }
+        while let Some(ev) = central.coord.poll_event() {
             match &ev {
                 Event::ClientEnrolled(id) => info!(client = %id, "enrolled"),
                 Event::ClientDropped { client, reason } => {
                     warn!(client = %client, "dropped: {reason}");
-                    // Dropping the sender lets the writer flush the Abort, then close.
-                    clients.remove(client);
+                    // Dropping the sender lets the writer flush the Abort; the connection
+                    // is closed shortly whatever the writer is doing.
+                    if let Some(c) = central.clients.remove(client) {
+                        close_soon(&c.conn.conn, close::PROTOCOL_VIOLATION, b"dropped");
+                    }
                 }
                 Event::RoundStarted { round, selected } => {
                     info!("round {round}: {selected} clients training")
                 }
                 Event::RoundCompleted(r) | Event::RoundAborted(r) => {
                     log_round(r);
-                    if let Some(snapshot) = coord.snapshot() {
-                        let dir = config.checkpoint_dir.clone();
+                    if let Some(snapshot) = central.coord.snapshot() {
+                        let dir = central.config.checkpoint_dir.clone();
                         let name = strategy_name.clone();
+                        let log = history_log.clone();
+                        let record = r.clone();
                         let path = tokio::task::spawn_blocking(move || {
-                            checkpoint::write(&dir, &snapshot, &name)
+                            let path = checkpoint::write(&dir, &snapshot, &name)?;
+                            checkpoint::append_history(&log, &record)?;
+                            Ok::<_, Error>(path)
                         })
                         .await
                         .map_err(|e| Error::Config(format!("checkpoint task: {e}")))??;
@@ -383,79 +816,111 @@ async fn run(
                 let _ = o.send(ev);
             }
         }
-        if let Ok(mut g) = expected.write() {
-            *g = coord.global().map(|p| p.manifest().clone());
+        if let Ok(mut g) = gate.write() {
+            g.manifest = central.coord.global().map(|p| p.manifest().clone());
+            if g.manifest.is_some() {
+                g.asked = None;
+            }
         }
         if finished {
-            info!("all {} rounds done", coord.config().num_rounds);
+            info!("all {} rounds done", central.coord.config().num_rounds);
             break;
         }
 
-        let deadline = coord.poll_timeout();
+        let deadline = central.coord.poll_timeout();
         tokio::select! {
             _ = shutdown.changed() => {
                 info!("shutting down");
-                for c in clients.values() {
-                    let _ = c.tx.send(Message::Abort { round: None, reason: flotilla_protocol::messages::AbortReason::ServerShutdown });
+                for c in central.clients.values() {
+                    let _ = c.tx.try_send(Message::Abort { round: None, reason: AbortReason::ServerShutdown });
                 }
                 break;
             }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let limits = &central.config.limits;
+                let in_flight = admission.handshakes.load(Ordering::Relaxed);
+                if in_flight >= limits.max_handshakes {
+                    admission.refused_handshakes.fetch_add(1, Ordering::Relaxed);
+                    incoming.refuse();
+                    continue;
+                }
+                if in_flight >= limits.retry_above_handshakes
+                    && !incoming.remote_address_validated()
+                    && incoming.may_retry()
+                {
+                    // Address validation: the peer must echo a token before we keep state.
+                    let _ = incoming.retry();
+                    continue;
+                }
+                admission.handshakes.fetch_add(1, Ordering::Relaxed);
                 next_conn_id += 1;
-                tokio::spawn(serve_connection(incoming, next_conn_id, tx.clone(), expected.clone(), limits));
+                tokio::spawn(serve_incoming(incoming, next_conn_id, shared.clone()));
             }
             Some(input) = rx.recv() => {
                 let now = Instant::now();
                 match input {
-                    Input::Connected { id, conn_id, conn } => {
-                        if clients.remove(&id).is_some() {
-                            info!(client = %id, "reconnected; replacing its old connection");
-                            coord.handle_disconnect(now, &id);
-                        }
-                        let (ctx, crx) = mpsc::unbounded_channel();
-                        writers.push(tokio::spawn(writer(conn, crx, sent.clone())));
-                        writers.retain(|w| !w.is_finished());
-                        clients.insert(id, Client { conn_id, tx: ctx });
-                    }
+                    Input::Hello { id, conn, hello } => central.on_hello(now, id, conn, hello),
                     Input::Message { id, conn_id, msg, bytes } => {
-                        if clients.get(&id).is_some_and(|c| c.conn_id == conn_id) {
+                        if central.clients.get(&id).is_some_and(|c| c.conn.conn_id == conn_id) {
                             received += bytes;
-                            if let Err(e) = coord.handle_message(now, &id, msg) {
+                            if let Err(e) = central.coord.handle_message(now, &id, msg) {
                                 debug!(client = %id, "protocol error: {e}");
                             }
                         }
                     }
                     Input::Malformed { id, conn_id, error } => {
-                        if clients.get(&id).is_some_and(|c| c.conn_id == conn_id) {
-                            coord.handle_malformed(now, &id, &error);
+                        if central.clients.get(&id).is_some_and(|c| c.conn.conn_id == conn_id) {
+                            central.coord.handle_malformed(now, &id, &error);
                         }
                     }
                     Input::Closed { id, conn_id } => {
-                        if clients.get(&id).is_some_and(|c| c.conn_id == conn_id) {
-                            clients.remove(&id);
-                            coord.handle_disconnect(now, &id);
+                        if central.clients.get(&id).is_some_and(|c| c.conn.conn_id == conn_id) {
+                            central.clients.remove(&id);
+                            central.coord.handle_disconnect(now, &id);
                         }
                     }
                 }
             }
+            _ = reload.notified() => {
+                crl_stamp_seen = crl_stamp(&central.config);
+                central.reload_crl(&endpoint);
+            }
+            _ = crl_tick.tick() => {
+                let stamp = crl_stamp(&central.config);
+                if stamp != crl_stamp_seen {
+                    crl_stamp_seen = stamp;
+                    central.reload_crl(&endpoint);
+                }
+            }
+            _ = summary_tick.tick() => {
+                let refused = admission.refused_handshakes.load(Ordering::Relaxed);
+                if refused > refused_reported {
+                    warn!(
+                        "refused {} connection attempts in the last 30 s ({} in all; failed or timed-out handshakes, over the handshake cap)",
+                        refused - refused_reported,
+                        refused
+                    );
+                    refused_reported = refused;
+                }
+            }
             _ = sleep_until(deadline), if deadline.is_some() => {
-                coord.handle_timeout(Instant::now());
+                central.coord.handle_timeout(Instant::now());
             }
         }
     }
 
     // Let writers deliver the final messages, then close.
-    clients.clear();
-    for w in writers {
+    central.clients.clear();
+    for w in std::mem::take(&mut central.writers) {
         let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
     }
     endpoint.close(0u32.into(), b"server done");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(RunSummary {
-        history: coord.history().to_vec(),
-        global: coord.global().cloned(),
-        bytes_sent: sent.load(std::sync::atomic::Ordering::Relaxed),
+        history: central.coord.history().to_vec(),
+        global: central.coord.global().cloned(),
+        bytes_sent: central.sent.load(Ordering::Relaxed),
         bytes_received: received,
     })
 }

@@ -28,6 +28,10 @@ enum Command {
         /// PKI directory (ca.crt, ca.key, server.*, clients/, crl.pem).
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
+        /// Hours before now that new certificates are valid from (devices whose clock is
+        /// behind still accept them).
+        #[arg(long, default_value_t = 24)]
+        backdate_hours: i64,
         #[command(subcommand)]
         action: CertsAction,
     },
@@ -56,12 +60,18 @@ enum CertsAction {
         #[arg(long = "name", required = true)]
         names: Vec<String>,
     },
-    /// Issue a client certificate.
+    /// Issue a client certificate (refuses an id that has one, unless --rotate).
     IssueClient {
         /// Client id (1-64 of A-Z a-z 0-9 . _ -).
         id: String,
+        /// Issue a new certificate for an existing id (the old one stays valid until
+        /// `revoke`, which revokes every certificate ever issued to the id).
+        #[arg(long)]
+        rotate: bool,
     },
-    /// Revoke a client's certificate (adds it to crl.pem; restart or reload the server).
+    /// Revoke every certificate ever issued to a client (rewrites crl.pem; a running server
+    /// picks it up within `limits.crl_reload_secs`, or at once on SIGHUP, and closes the
+    /// client's connection).
     Revoke {
         /// Client id.
         id: String,
@@ -107,7 +117,14 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Certs { dir, action } => certs(PkiDir::new(dir), action),
+        Command::Certs {
+            dir,
+            backdate_hours,
+            action,
+        } => certs(
+            PkiDir::new(dir).with_backdate(time::Duration::hours(backdate_hours.max(0))),
+            action,
+        ),
         Command::Export {
             checkpoint_dir,
             out,
@@ -145,8 +162,18 @@ fn certs(pki: PkiDir, action: CertsAction) -> anyhow::Result<()> {
                 names.join(", ")
             );
         }
-        CertsAction::IssueClient { id } => {
-            pki.issue_client(&id)?;
+        CertsAction::IssueClient { id, rotate } => {
+            if rotate {
+                pki.rotate_client(&id)?;
+            } else {
+                pki.issue_client(&id).map_err(|e| match e {
+                    flotilla_crypto::Error::AlreadyExists(p) => anyhow::anyhow!(
+                        "{id} already has a certificate ({}); pass --rotate to issue a new one",
+                        p.display()
+                    ),
+                    other => other.into(),
+                })?;
+            }
             println!(
                 "issued {} and {}",
                 pki.client_cert(&id).display(),
@@ -155,7 +182,11 @@ fn certs(pki: PkiDir, action: CertsAction) -> anyhow::Result<()> {
         }
         CertsAction::Revoke { id } => {
             pki.revoke(&id)?;
-            println!("revoked {id}; {} updated", pki.crl().display());
+            let n = pki.serials_of(&id).map(|s| s.len()).unwrap_or(0);
+            println!(
+                "revoked {n} certificate(s) of {id}; {} updated",
+                pki.crl().display()
+            );
         }
     }
     Ok(())
@@ -195,12 +226,25 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let mut server = flotilla_server::start(config, None)?;
-        let summary = tokio::select! {
-            s = server.join() => s,
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("Ctrl-C: stopping (checkpoints on disk are kept)");
-                server.shutdown();
-                server.join().await
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let summary = loop {
+            tokio::select! {
+                s = server.join() => break s,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: re-reading the CRL");
+                    server.reload_crl();
+                }
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: stopping (checkpoints on disk are kept)");
+                    server.shutdown();
+                    break server.join().await;
+                }
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("Ctrl-C: stopping (checkpoints on disk are kept)");
+                    server.shutdown();
+                    break server.join().await;
+                }
             }
         }?;
         let done = summary

@@ -170,7 +170,17 @@ fn closed_by_server(e: &quinn::ConnectionError, enrolled: bool) -> Option<Sessio
 /// is retried rather than given up: the clock may be set right later, e.g. once NTP syncs).
 fn clock_problem(e: &quinn::ConnectionError, identity: &Identity) -> Option<String> {
     let now = time::OffsetDateTime::now_utc();
-    match identity.check_validity(now) {
+    clock_message(identity.check_validity(now), &e.to_string(), now)
+}
+
+/// [`clock_problem`] on its parts: our certificate's validity by our clock, and the
+/// handshake error's text.
+fn clock_message(
+    own: Result<(), flotilla_crypto::Error>,
+    error: &str,
+    now: time::OffsetDateTime,
+) -> Option<String> {
+    match own {
         Err(flotilla_crypto::Error::NotYetValid { not_before }) => {
             return Some(format!(
                 "our certificate is not valid yet by this device's clock (valid from {not_before}, \
@@ -185,12 +195,11 @@ fn clock_problem(e: &quinn::ConnectionError, identity: &Identity) -> Option<Stri
         }
         _ => {}
     }
-    let text = e.to_string();
-    let lower = text.to_ascii_lowercase();
+    let lower = error.to_ascii_lowercase();
     (lower.contains("notvalidyet") || lower.contains("not valid yet") || lower.contains("expired"))
         .then(|| {
             format!(
-                "the server's certificate is not valid by this device's clock (now {now}): {text}; \
+                "the server's certificate is not valid by this device's clock (now {now}): {error}; \
                  check the clock (NTP); retrying"
             )
         })
@@ -588,5 +597,52 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_skew_is_reported_as_such() {
+        let now = time::OffsetDateTime::now_utc();
+        let behind = clock_message(
+            Err(flotilla_crypto::Error::NotYetValid {
+                not_before: "2026-12-01 00:00:00.0 +00:00:00".into(),
+            }),
+            "aborted by peer: the cryptographic handshake failed: error 42",
+            now,
+        )
+        .unwrap();
+        assert!(
+            behind.starts_with("our certificate is not valid yet by this device's clock"),
+            "{behind}"
+        );
+        assert!(behind.contains("check the clock") && behind.contains("retrying"));
+        let server_cert = clock_message(
+            Ok(()),
+            "the cryptographic handshake failed: error 42: invalid peer certificate: certificate not valid yet",
+            now,
+        )
+        .unwrap();
+        assert!(
+            server_cert.starts_with("the server's certificate is not valid by this device's clock"),
+            "{server_cert}"
+        );
+        let expired = clock_message(
+            Err(flotilla_crypto::Error::Expired {
+                not_after: "2020-01-01".into(),
+            }),
+            "",
+            now,
+        )
+        .unwrap();
+        assert!(expired.contains("expired on 2020-01-01 by this device's clock"));
+        // Other handshake failures are not blamed on the clock.
+        assert_eq!(
+            clock_message(Ok(()), "invalid peer certificate: UnknownIssuer", now),
+            None
+        );
     }
 }

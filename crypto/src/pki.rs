@@ -886,4 +886,81 @@ mod tests {
         assert!(n1 > n0);
         assert_eq!(load_crls(&pki.crl()).unwrap().len(), 1);
     }
+
+    fn serial(pki: &PkiDir, id: &str) -> Vec<u8> {
+        serial_of(load_certs(&pki.client_cert(id)).unwrap()[0].as_ref()).unwrap()
+    }
+
+    #[test]
+    fn issue_client_refuses_an_existing_id_unless_rotating() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("CA").unwrap();
+        pki.issue_client("dev").unwrap();
+        let first = serial(&pki, "dev");
+        match pki.issue_client("dev") {
+            Err(Error::AlreadyExists(p)) => assert_eq!(p, pki.client_cert("dev")),
+            other => panic!("expected AlreadyExists, got {other:?}"),
+        }
+        assert_eq!(
+            serial(&pki, "dev"),
+            first,
+            "the certificate was not overwritten"
+        );
+        pki.rotate_client("dev").unwrap();
+        let second = serial(&pki, "dev");
+        assert_ne!(first, second);
+        assert_eq!(pki.serials_of("dev").unwrap(), vec![first, second]);
+    }
+
+    #[test]
+    fn revoke_revokes_every_certificate_ever_issued_to_the_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("CA").unwrap();
+        pki.issue_client("dev").unwrap();
+        let old = serial(&pki, "dev");
+        pki.rotate_client("dev").unwrap();
+        let new = serial(&pki, "dev");
+        pki.issue_client("other").unwrap();
+        pki.revoke("dev").unwrap();
+        let (revoked, _) = crl_entries(&fs::read(pki.crl()).unwrap()).unwrap();
+        assert!(revoked.contains(&old), "the older copy is revoked too");
+        assert!(revoked.contains(&new));
+        assert!(!revoked.contains(&serial(&pki, "other")));
+        assert!(matches!(
+            pki.revoke("never-issued"),
+            Err(Error::Certificate(_))
+        ));
+    }
+
+    #[test]
+    fn certificates_are_back_dated_for_devices_whose_clock_is_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = PkiDir::new(dir.path());
+        pki.init("CA").unwrap();
+        pki.issue_client("dev").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let (nb, _) =
+            validity_of(load_certs(&pki.client_cert("dev")).unwrap()[0].as_ref()).unwrap();
+        assert!(
+            nb <= now - Duration::hours(23),
+            "not_before {nb} is not a day back"
+        );
+        let (ca_nb, _) = validity_of(load_certs(&pki.ca_cert()).unwrap()[0].as_ref()).unwrap();
+        assert!(ca_nb <= now - Duration::hours(23), "CA not_before {ca_nb}");
+        // Configurable.
+        let short = PkiDir::new(dir.path()).with_backdate(Duration::hours(2));
+        short.issue_client("dev2").unwrap();
+        let (nb, _) =
+            validity_of(load_certs(&short.client_cert("dev2")).unwrap()[0].as_ref()).unwrap();
+        assert!(
+            nb > now - Duration::hours(3) && nb <= now - Duration::hours(1),
+            "{nb}"
+        );
+        // A device 12 hours behind still finds its new certificate valid.
+        let id =
+            Identity::load_for_device(&pki.client_cert("dev"), &pki.client_key("dev")).unwrap();
+        id.check_validity(now - Duration::hours(12)).unwrap();
+    }
 }

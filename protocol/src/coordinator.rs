@@ -79,7 +79,13 @@ pub struct CoordinatorConfig {
     /// for are sampled, and training closes as soon as the strategy's number of results is
     /// in (Bonawitz et al., "Towards Federated Learning at Scale", 2019). 0: off.
     pub over_selection: f64,
+    /// Largest example count a client may report (it is the client's FedAvg weight): a
+    /// result claiming more is a protocol violation.
+    pub max_examples: u64,
 }
+
+/// Default [`CoordinatorConfig::max_examples`].
+pub const DEFAULT_MAX_EXAMPLES: u64 = 100_000_000;
 
 /// Default [`CoordinatorConfig::history_window`].
 pub const DEFAULT_HISTORY_WINDOW: usize = 100;
@@ -102,6 +108,7 @@ impl Default for CoordinatorConfig {
             max_missed_deadlines: 2,
             straggler_backoff: Duration::from_secs(600),
             over_selection: 0.0,
+            max_examples: DEFAULT_MAX_EXAMPLES,
         }
     }
 }
@@ -715,6 +722,13 @@ impl Coordinator {
                 "training result with zero examples".into(),
             ));
         }
+        if r.num_examples > self.config.max_examples {
+            return Err(Error::LimitExceeded {
+                what: "example count",
+                len: r.num_examples,
+                max: self.config.max_examples,
+            });
+        }
         r.params.check_same_manifest(global.manifest())?;
         r.params.check_finite()?;
         current.pending.remove(from);
@@ -755,6 +769,13 @@ impl Coordinator {
         }
         if !r.loss.is_finite() || r.metrics.values().any(|v| !v.is_finite()) {
             return Err(Error::InvalidMessage("non-finite evaluation result".into()));
+        }
+        if r.num_examples > self.config.max_examples {
+            return Err(Error::LimitExceeded {
+                what: "example count",
+                len: r.num_examples,
+                max: self.config.max_examples,
+            });
         }
         e.results.push((from.clone(), r));
         if e.pending.is_empty() {

@@ -327,6 +327,56 @@ fn nan_or_wrong_shape_updates_drop_the_sender() {
 }
 
 #[test]
+fn an_example_count_over_the_cap_drops_the_sender() {
+    // Client 0 claims u64::MAX examples (it would own the FedAvg mean), client 1 floods its
+    // result with metric names: both are dropped with typed reasons, the others' round
+    // completes, and the round record keeps no foreign metric names.
+    let mut h = harness(
+        4,
+        {
+            let mut c = config(1, 4);
+            c.min_train_results = 2;
+            c
+        },
+        Some(model(4, 0.0)),
+    );
+    h.set_filter(Box::new(|e| {
+        if let Message::TrainResult(r) = e.message {
+            let mut r = r.clone();
+            if e.client == &id(0) {
+                r.num_examples = u64::MAX;
+            } else if e.client == &id(1) {
+                for i in 0..1000 {
+                    r.metrics.insert(format!("m{i}"), 1.0);
+                }
+            } else {
+                return Action::Deliver;
+            }
+            return Action::Replace(
+                flotilla_protocol::codec::encode_to_vec(&Message::TrainResult(r)).unwrap(),
+            );
+        }
+        Action::Deliver
+    }));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    let dropped = h.dropped_clients();
+    assert_eq!(dropped.len(), 2, "{dropped:?}");
+    assert!(dropped.iter().any(|(c, r)| c == &id(0)
+        && r.contains("example count is 18446744073709551615, over the limit of 100000000")));
+    assert!(
+        dropped
+            .iter()
+            .any(|(c, r)| c == &id(1) && r.contains("metric count is 1001, over the limit of 32"))
+    );
+    let done = h.completed_rounds();
+    assert_eq!(done[0].results, 2);
+    assert!(done[0].train_metrics.keys().all(|k| !k.starts_with('m')));
+    // The mean is the two honest clients' weighted mean, not client 0's.
+    let g = h.coordinator.global().unwrap();
+    assert!((f64::from(g.values()[0]) - expected_delta(&[2, 3])).abs() < 1e-5);
+}
+
+#[test]
 fn late_update_after_the_deadline_is_ignored() {
     let mut cfg = config(2, 3);
     cfg.min_train_results = 2;

@@ -5,6 +5,7 @@
 //! listen = "0.0.0.0:4433"
 //! checkpoint_dir = "checkpoints"
 //! # initial_model = "model.safetensors"   # else the first client's initial parameters
+//! max_model_bytes = 1073741824            # bound on an initial model taken from a client
 //!
 //! [tls]
 //! ca = "pki/ca.crt"
@@ -19,6 +20,29 @@
 //! round_timeout_secs = 600
 //! evaluate_every = 1
 //! seed = 0
+//! idle_timeout_secs = 120
+//! history_window = 100                    # round records in memory and checkpoints
+//! max_missed_deadlines = 2                # then a straggler sits out...
+//! straggler_backoff_secs = 600            # ...this long
+//! over_selection = 0.0                    # sample this fraction more, close when enough
+//! max_examples = 100000000                # cap on a client's reported example count
+//!
+//! [limits]                                # what peers can make the server hold or wait for
+//! max_connections = 10000
+//! max_connections_per_identity = 2
+//! max_handshakes = 256                    # in progress; more are refused
+//! retry_above_handshakes = 32             # QUIC Retry (address validation) above this
+//! handshake_timeout_secs = 10.0
+//! hello_timeout_secs = 10.0
+//! io_timeout_secs = 10.0                  # per message read or send, plus...
+//! min_transfer_rate = 65536               # ...its size at this many bytes per second
+//! send_queue = 32                         # messages queued per client
+//! replacements_per_minute = 3             # of one identity's live connection
+//! live_connection_secs = 30.0             # a second connection for a live one is refused
+//! max_metrics = 32
+//! max_metric_name_bytes = 64
+//! max_text_bytes = 256
+//! crl_reload_secs = 30.0                  # the CRL is re-read when it changes (and on SIGHUP)
 //!
 //! [strategy]
 //! name = "fedavg"
@@ -116,6 +140,8 @@ pub struct RoundsConfig {
     /// Sample this fraction more clients than the strategy asks for and close training as
     /// soon as the strategy's number of results is in (plain rounds only).
     pub over_selection: f64,
+    /// Largest example count a client may report (its FedAvg weight).
+    pub max_examples: u64,
 }
 
 impl Default for RoundsConfig {
@@ -132,6 +158,7 @@ impl Default for RoundsConfig {
             max_missed_deadlines: 2,
             straggler_backoff_secs: 600.0,
             over_selection: 0.0,
+            max_examples: flotilla_protocol::coordinator::DEFAULT_MAX_EXAMPLES,
         }
     }
 }
@@ -487,6 +514,7 @@ impl ServerConfig {
             max_missed_deadlines: self.rounds.max_missed_deadlines,
             straggler_backoff: secs(self.rounds.straggler_backoff_secs, "straggler_backoff_secs")?,
             over_selection: self.rounds.over_selection,
+            max_examples: self.rounds.max_examples,
         };
         c.validate()?;
         self.limits.validate()?;
@@ -590,6 +618,28 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The example in the module docs is a valid file, and says what the defaults are.
+    #[test]
+    fn the_documented_example_is_the_defaults() {
+        let src = include_str!("config.rs");
+        let start = src.find("//! ```toml\n").unwrap() + "//! ```toml\n".len();
+        let end = start + src[start..].find("//! ```\n").unwrap();
+        let toml_text: String = src[start..end]
+            .lines()
+            .map(|l| {
+                l.strip_prefix("//! ")
+                    .or_else(|| l.strip_prefix("//!"))
+                    .unwrap()
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c: ServerConfig = toml::from_str(&toml_text).unwrap();
+        let mut want = ServerConfig::default();
+        want.tls.crl = Some("pki/crl.pem".into());
+        want.secure_aggregation = Some(SecAggConfig::default());
+        assert_eq!(c, want);
+    }
 
     #[test]
     fn defaults_parse_and_typos_are_refused() {

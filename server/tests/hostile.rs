@@ -370,6 +370,28 @@ async fn metric_flood_is_refused_and_state_stays_bounded() {
     let (g1, s1) = good_client(&pki, "good-1", addr, trainer);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = server.rss();
+    // Header sizes of the checkpoints as they appear (only the last three stay on disk).
+    let ckpt = tmp.path().join("checkpoints");
+    let headers = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+    let watcher = {
+        let (ckpt, headers) = (ckpt.clone(), headers.clone());
+        tokio::spawn(async move {
+            loop {
+                for round in 1..=12u64 {
+                    let p = ckpt.join(format!("round-{round:06}.ckpt"));
+                    let mut h = headers.lock().unwrap();
+                    // (A file can be pruned between two looks: read it once, fallibly.)
+                    if !h.contains_key(&round)
+                        && let Ok(b) = std::fs::read(&p)
+                        && b.len() >= 12
+                    {
+                        h.insert(round, u32::from_le_bytes([b[8], b[9], b[10], b[11]]));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
 
     // The attacker: enroll, flood, get dropped, reconnect.
     let evil = identity(&pki, "evil");
@@ -421,24 +443,8 @@ async fn metric_flood_is_refused_and_state_stays_bounded() {
         after / MB
     );
 
-    // Watch checkpoints while the rounds finish.
-    let ckpt = tmp.path().join("checkpoints");
-    let mut early: Option<u32> = None;
-    let status = {
-        let waiter = server.wait(Duration::from_secs(240));
-        tokio::pin!(waiter);
-        loop {
-            tokio::select! {
-                s = &mut waiter => break s,
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                    let p = ckpt.join("round-000004.ckpt");
-                    if early.is_none() && p.exists() {
-                        early = Some(header_len(&p));
-                    }
-                }
-            }
-        }
-    };
+    let status = server.wait(Duration::from_secs(240)).await;
+    watcher.abort();
     assert!(status.success());
     let _ = (s0.send(true), s1.send(true));
     let _ = (g0.await, g1.await);
@@ -456,7 +462,11 @@ async fn metric_flood_is_refused_and_state_stays_bounded() {
     let (snapshot, _) = flotilla_server::checkpoint::read(&ckpt.join("round-000012.ckpt")).unwrap();
     assert_eq!(snapshot.history.len(), 3, "the checkpoint keeps the window");
     let late = header_len(&ckpt.join("round-000012.ckpt"));
-    let early = early.expect("saw round 4's checkpoint");
+    let early = *headers
+        .lock()
+        .unwrap()
+        .get(&4)
+        .expect("saw round 4's checkpoint");
     eprintln!("checkpoint header: {early} bytes after round 4, {late} bytes after round 12");
     assert!(
         late <= 2 * early && late < 64 * 1024,
@@ -900,4 +910,121 @@ async fn revocation_takes_effect_without_a_restart() {
     let _ = (a.await, b.await);
     assert_eq!(summary.history.len(), 30);
     assert!(summary.history.iter().all(|r| r.aborted.is_none()));
+}
+
+// ---------------------------------------------------------------------------------------
+// 4. Handshake flood without a certificate
+
+/// The first datagram a real quinn client sends: a QUIC Initial with a TLS ClientHello.
+async fn capture_initial(pki: &PkiDir) -> Vec<u8> {
+    let trap = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let to = trap.local_addr().unwrap();
+    let ep = endpoint();
+    let id = identity(pki, "probe");
+    let pki2 = pki.clone();
+    let attempt = tokio::spawn(async move {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            raw_connect(&ep, &pki2, to, &id, false),
+        )
+        .await;
+    });
+    let mut buf = vec![0u8; 2048];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(5), trap.recv_from(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    attempt.abort();
+    buf.truncate(n);
+    buf
+}
+
+/// 6,000 Initial packets from 200 source ports that never complete a handshake: the server
+/// keeps at most a bounded number of half-open connections (address validation with Retry
+/// above `retry_above_handshakes`, a cap, a short handshake timeout), so its memory grows by
+/// less than 100 MB, it sends back less than it receives (no amplification), and the good
+/// clients complete their rounds meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_flood_is_bounded_and_good_clients_keep_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki(tmp.path(), &["good-0", "good-1"]);
+    let mut cfg = config(&pki, tmp.path(), 1000);
+    cfg.rounds.num_rounds = 6;
+    cfg.rounds.evaluate_every = 0;
+    let server = ServerProcess::spawn(cfg, tmp.path());
+    let addr = server.addr;
+    wait_listening(&pki, addr).await;
+    let initial = capture_initial(&pki).await;
+    assert!(initial.len() >= 1200, "an Initial is padded to 1200 bytes");
+    assert_eq!(initial[0] & 0xf0, 0xc0, "a long-header Initial packet");
+    let t = Delta {
+        n: 1000,
+        pause: Duration::from_millis(500),
+    };
+    let (g0, s0) = good_client(&pki, "good-0", addr, t.clone());
+    let (g1, s1) = good_client(&pki, "good-1", addr, t);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = server.rss();
+
+    let mut sockets = Vec::new();
+    for _ in 0..200 {
+        sockets.push(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    }
+    let mut sent = 0u64;
+    for _burst in 0..30 {
+        for s in &sockets {
+            if s.send_to(&initial, addr).await.is_ok() {
+                sent += initial.len() as u64;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // What came back (drain every socket for a moment).
+    let mut back = 0u64;
+    let drain_until = Instant::now() + Duration::from_secs(1);
+    let mut buf = vec![0u8; 2048];
+    while Instant::now() < drain_until {
+        let mut got = false;
+        for s in &sockets {
+            while let Ok((n, _)) = s.try_recv_from(&mut buf) {
+                back += n as u64;
+                got = true;
+            }
+        }
+        if !got {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let after = server.rss();
+    eprintln!(
+        "handshake flood: sent {} KB of Initials from 200 ports, got {} KB back ({:.2}x); \
+         server resident {} MB before, {} MB after",
+        sent / 1024,
+        back / 1024,
+        back as f64 / sent as f64,
+        before / MB,
+        after / MB
+    );
+    assert!(
+        after < before + 100 * MB,
+        "server resident memory grew from {} MB to {} MB",
+        before / MB,
+        after / MB
+    );
+    assert!(
+        back < sent,
+        "amplification: {back} bytes back for {sent} sent"
+    );
+
+    let status = server.wait(Duration::from_secs(120)).await;
+    assert!(status.success());
+    let _ = (s0.send(true), s1.send(true));
+    let _ = (g0.await, g1.await);
+    let records = history_lines(tmp.path());
+    assert_eq!(records.len(), 6);
+    assert!(
+        records
+            .iter()
+            .all(|r| r.aborted.is_none() && r.results == 2)
+    );
 }

@@ -261,19 +261,7 @@ impl Identity {
     /// Loads a certificate and key and checks that they belong together and that the
     /// certificate is valid now.
     pub fn load(cert: &Path, key: &Path) -> Result<Self, Error> {
-        let cert_chain = load_certs(cert)?;
-        let key_der = load_key(key)?;
-        let id = Self {
-            cert_chain,
-            key: key_der,
-        };
-        id.check_key_matches().map_err(|e| match e {
-            Error::KeyMismatch { .. } => Error::KeyMismatch {
-                cert: cert.to_path_buf(),
-                key: key.to_path_buf(),
-            },
-            other => other,
-        })?;
+        let id = Self::load_for_device(cert, key)?;
         id.check_validity(OffsetDateTime::now_utc())?;
         Ok(id)
     }

@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::Parser;
 use flotilla_client::data::{Dataset, Split, bundled, load_idx_dir};
 use flotilla_client::driver::{ClientOptions, run};
-use flotilla_client::partition::Partition;
+use flotilla_client::partition::{Partition, evaluation_shard};
 use flotilla_client::{BackendKind, BurnTrainer, Cnn, LocalData, Mlp2nn, ModelKind, select_device};
 use flotilla_crypto::pki::{Identity, PkiDir, load_certs};
 
@@ -137,11 +137,12 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(i < n, "partition index {i} must be below {n}");
             let how = parse_split(&args.split)?;
             let tr = how.split(&train.labels, train.num_classes, n, args.split_seed)?;
-            let te = Partition::Iid.split(&test.labels, test.num_classes, n, args.split_seed)?;
-            let (tr, te) = (tr.into_iter().nth(i), te.into_iter().nth(i));
+            // The evaluation split does not depend on the training partition count.
+            let te = evaluation_shard(test.labels.len(), i, n, args.split_seed)?;
+            let tr = tr.into_iter().nth(i);
             (
                 LocalData::subset(train, tr.context("partition")?)?,
-                LocalData::subset(test, te.context("partition")?)?,
+                LocalData::subset(test, te)?,
             )
         }
     };

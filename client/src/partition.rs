@@ -52,6 +52,28 @@ impl Partition {
     }
 }
 
+/// The test examples client `index` of `clients` evaluates on: the test set is dealt IID
+/// into `min(clients, n)` shards and client `index` takes shard `index % shards`. The
+/// evaluation split never limits the number of clients (a few thousand clients can share a
+/// test set of two thousand examples; neighbours in index share a shard).
+pub fn evaluation_shard(
+    n: usize,
+    index: usize,
+    clients: usize,
+    seed: u64,
+) -> Result<Vec<usize>, Error> {
+    if index >= clients {
+        return Err(Error::Data(format!(
+            "partition index {index} must be below {clients}"
+        )));
+    }
+    let shards = clients.min(n);
+    iid(n, shards, seed)?
+        .into_iter()
+        .nth(index % shards.max(1))
+        .ok_or_else(|| Error::Data("no evaluation shard".into()))
+}
+
 fn check(n: usize, clients: usize) -> Result<(), Error> {
     if clients == 0 {
         return Err(Error::Data("cannot partition among 0 clients".into()));
@@ -182,6 +204,24 @@ pub fn dirichlet(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn evaluation_shards_do_not_limit_the_number_of_clients() {
+        // 2,001 clients over a 2,000-example test set: every client gets a shard.
+        let last = evaluation_shard(2000, 2000, 2001, 7).unwrap();
+        assert_eq!(last, evaluation_shard(2000, 0, 2001, 7).unwrap());
+        assert_eq!(last.len(), 1);
+        // Up to the test set's size, the shards are the plain IID split.
+        let ten = iid(2000, 10, 7).unwrap();
+        for (i, shard) in ten.iter().enumerate() {
+            assert_eq!(&evaluation_shard(2000, i, 10, 7).unwrap(), shard);
+        }
+        assert!(evaluation_shard(2000, 10, 10, 7).is_err());
+        assert!(
+            evaluation_shard(0, 0, 10, 7).is_err(),
+            "no test data at all"
+        );
+    }
 
     fn labels(n: usize) -> Vec<u8> {
         // 10 classes, uneven sizes.

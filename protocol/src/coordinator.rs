@@ -228,6 +228,20 @@ pub enum Event {
         /// Round it was for.
         round: u64,
     },
+    /// No round can start yet: too few clients are enrolled, or too few of them can take
+    /// part. Emitted when the situation changes (drivers repeat it in their logs); a round
+    /// that cannot start is not counted, nothing is burnt.
+    WaitingForClients {
+        /// Clients enrolled.
+        enrolled: usize,
+        /// Of those, clients that may take part in the next round.
+        eligible: usize,
+        /// Clients a round needs (enrolled, then sampled).
+        required: usize,
+        /// Enrolled clients left out because they do not implement secure aggregation,
+        /// which this federation requires.
+        without_secure_aggregation: usize,
+    },
     /// All rounds are done.
     Finished,
 }
@@ -337,6 +351,11 @@ pub struct Coordinator {
     last_unmasked: Option<Vec<u32>>,
     /// Privacy spent (if DP is on).
     accountant: Option<RdpAccountant>,
+    /// The round whose end the driver has not yet made durable: no round starts until
+    /// [`Coordinator::handle_persisted`].
+    unpersisted: Option<u64>,
+    /// The last [`Event::WaitingForClients`] emitted (to emit it only on change).
+    waiting: Option<Event>,
     /// The open round's privacy report, put in its record when it ends.
     round_privacy: Option<PrivacyReport>,
 }
@@ -387,6 +406,8 @@ impl Coordinator {
             last_unmasked: None,
             accountant,
             round_privacy: None,
+            unpersisted: None,
+            waiting: None,
         })
     }
 
@@ -505,10 +526,38 @@ impl Coordinator {
         }
     }
 
+    /// The round that ended last (the one in the last [`Event::RoundCompleted`] or
+    /// [`Event::RoundAborted`]) is durable: its [`Coordinator::snapshot`] is on disk (or the
+    /// driver does not persist). Until this call no new round starts, so that round `k + 1`
+    /// is never announced before round `k` is on disk (raft's `Ready` rule): a crash in
+    /// between resumes after round `k`, and no client ever trained on a round that is lost.
+    pub fn handle_persisted(&mut self, now: Instant) {
+        if self.unpersisted.take().is_some() {
+            self.maybe_start(now);
+        }
+    }
+
+    /// The round waiting for [`Coordinator::handle_persisted`], if any.
+    pub fn awaiting_persistence(&self) -> Option<u64> {
+        self.unpersisted
+    }
+
     /// The driver's transport lost the connection to `client`.
     pub fn handle_disconnect(&mut self, now: Instant, client: &ClientId) {
         if self.remove_client(now, client) {
             self.fail(now, client, FailureReason::Disconnected);
+        }
+    }
+
+    /// `client` was heard from at `at` without a complete message (bytes of a long upload
+    /// arriving, a transport keep-alive): it counts as alive. Drivers report this before
+    /// [`Coordinator::handle_timeout`], so that neither a slow upload nor the server's own
+    /// pauses (a long aggregation while messages queued up) count against a client.
+    pub fn handle_activity(&mut self, at: Instant, client: &ClientId) {
+        if let Some(c) = self.clients.get_mut(client)
+            && at > c.last_seen
+        {
+            c.last_seen = at;
         }
     }
 
@@ -967,24 +1016,26 @@ impl Coordinator {
 
     /// Starts the next round if the machine is idle and enough clients are enrolled.
     fn maybe_start(&mut self, now: Instant) {
-        if !matches!(self.phase, Phase::Waiting) {
+        if !matches!(self.phase, Phase::Waiting) || self.unpersisted.is_some() {
             return;
         }
         if self.round >= self.config.num_rounds {
             self.finish();
             return;
         }
+        // Only clients that implement the protocol can take part in a secure round.
+        let secure = self.config.secure_aggregation.is_some();
         if self.clients.len() < self.config.min_available_clients {
+            let eligible = self.eligible_infos(now, secure).len();
+            self.wait_for_clients(eligible, self.config.min_available_clients);
             return;
         }
         let Some(global) = self.global.clone() else {
             self.ask_for_params(now, BTreeSet::new());
             return;
         };
-        self.round += 1;
-        let round = self.round;
-        // Only clients that implement the protocol can take part in a secure round.
-        let infos = self.eligible_infos(now, self.config.secure_aggregation.is_some());
+        let round = self.round + 1;
+        let infos = self.eligible_infos(now, secure);
         let mut rng = self.rng_for(round, 0);
         let plan = self.strategy.configure_train(round, &infos, &mut rng);
         let mut selected = BTreeSet::new();
@@ -995,6 +1046,14 @@ impl Coordinator {
             }
             configs.push((id, config));
         }
+        if selected.len() < self.config.min_train_results {
+            // A round that cannot reach its minimum is not started (nor counted): wait for
+            // more clients that can take part.
+            self.wait_for_clients(infos.len(), self.config.min_train_results);
+            return;
+        }
+        self.waiting = None;
+        self.round = round;
         let target = configs.len();
         if self.config.secure_aggregation.is_none()
             && self.config.over_selection > 0.0
@@ -1314,7 +1373,24 @@ impl Coordinator {
             self.end_round(now, record);
             return;
         };
-        let infos = self.eligible_infos(now, false);
+        // Clients that just timed out or went away in training are not asked to evaluate
+        // (a dead client would hold the evaluation until its deadline).
+        let gone: BTreeSet<&ClientId> = record
+            .failures
+            .iter()
+            .filter(|f| {
+                matches!(
+                    f.reason,
+                    FailureReason::Timeout | FailureReason::Disconnected
+                )
+            })
+            .map(|f| &f.client)
+            .collect();
+        let infos: Vec<ClientInfo> = self
+            .eligible_infos(now, false)
+            .into_iter()
+            .filter(|i| !gone.contains(&i.id))
+            .collect();
         let mut rng = self.rng_for(round, 1);
         let chosen: BTreeSet<ClientId> = self
             .strategy
@@ -1378,12 +1454,39 @@ impl Coordinator {
             });
         }
         self.phase = Phase::Waiting;
+        let persist = self.last_snapshot.is_some();
         if record.aborted.is_some() {
-            self.events.push_back(Event::RoundAborted(record));
+            self.events.push_back(Event::RoundAborted(record.clone()));
         } else {
-            self.events.push_back(Event::RoundCompleted(record));
+            self.events.push_back(Event::RoundCompleted(record.clone()));
         }
-        self.maybe_start(now);
+        if persist {
+            // Nothing more until the driver says the snapshot is durable.
+            self.unpersisted = Some(record.round);
+        } else {
+            self.maybe_start(now);
+        }
+    }
+
+    /// Emits [`Event::WaitingForClients`] if it differs from the last one.
+    fn wait_for_clients(&mut self, eligible: usize, required: usize) {
+        let without = self
+            .clients
+            .values()
+            .filter(|c| {
+                self.config.secure_aggregation.is_some() && !c.capabilities.secure_aggregation
+            })
+            .count();
+        let ev = Event::WaitingForClients {
+            enrolled: self.clients.len(),
+            eligible,
+            required,
+            without_secure_aggregation: without,
+        };
+        if self.waiting.as_ref() != Some(&ev) {
+            self.waiting = Some(ev.clone());
+            self.events.push_back(ev);
+        }
     }
 
     fn finish(&mut self) {

@@ -250,6 +250,9 @@ pub struct Harness {
     pub events: Vec<(Duration, Event)>,
     /// Counters.
     pub stats: Stats,
+    /// Acknowledge each round's snapshot as durable at once
+    /// ([`Coordinator::handle_persisted`]); default on.
+    pub auto_persist: bool,
 }
 
 impl std::fmt::Debug for Harness {
@@ -280,6 +283,7 @@ impl Harness {
             limits: Limits::default(),
             events: Vec::new(),
             stats: Stats::default(),
+            auto_persist: true,
         }
     }
 
@@ -335,6 +339,13 @@ impl Harness {
             },
         );
         self.flush_node(&id);
+    }
+
+    /// Tells the coordinator that the last round's snapshot is durable (when
+    /// [`Harness::auto_persist`] is off) and delivers what follows.
+    pub fn persisted(&mut self) {
+        self.coordinator.handle_persisted(self.now);
+        self.flush_coordinator();
     }
 
     /// The participant of a client.
@@ -416,18 +427,26 @@ impl Harness {
     }
 
     fn flush_coordinator(&mut self) {
-        while let Some((to, msg)) = self.coordinator.poll_transmit() {
-            self.send(to, Direction::ToClient, msg);
-        }
-        while let Some(ev) = self.coordinator.poll_event() {
-            if let Event::ClientDropped { client, .. } = &ev {
-                let client = client.clone();
-                if let Some(n) = self.nodes.get_mut(&client) {
-                    n.connected = false;
-                }
-                self.schedule(self.latency, What::ClientSeesDisconnect(client));
+        loop {
+            while let Some((to, msg)) = self.coordinator.poll_transmit() {
+                self.send(to, Direction::ToClient, msg);
             }
-            self.events.push((self.now - self.base, ev));
+            while let Some(ev) = self.coordinator.poll_event() {
+                if let Event::ClientDropped { client, .. } = &ev {
+                    let client = client.clone();
+                    if let Some(n) = self.nodes.get_mut(&client) {
+                        n.connected = false;
+                    }
+                    self.schedule(self.latency, What::ClientSeesDisconnect(client));
+                }
+                self.events.push((self.now - self.base, ev));
+            }
+            // The harness "persists" at once (a test can turn this off to see what a crash
+            // between a round's end and its checkpoint would leave).
+            if !self.auto_persist || self.coordinator.awaiting_persistence().is_none() {
+                break;
+            }
+            self.coordinator.handle_persisted(self.now);
         }
         let t = self.coordinator.poll_timeout();
         if t.is_some() && t != self.coordinator_timer {

@@ -406,6 +406,23 @@ impl Participant {
                 self.state.name()
             )));
         }
+        // A training that diverged (NaN, infinities) or saw no data is a failed round for
+        // this client, not an update: say so, and stay enrolled. (The server would drop a
+        // client that sent such an update as a protocol violation.)
+        let failure = if res.num_examples == 0 {
+            Some("training saw no examples".to_string())
+        } else if let Err(e) = res.params.check_finite() {
+            Some(format!("training diverged: {e}"))
+        } else if let Some((k, _)) = res.metrics.iter().find(|(_, v)| !v.is_finite()) {
+            Some(format!("training diverged: metric {k:?} is not finite"))
+        } else {
+            None
+        };
+        if let Some(reason) = failure {
+            self.dp_task = None;
+            self.abandon(format!("training failed: {reason}"));
+            return Ok(());
+        }
         self.state = State::Enrolled(Task::None);
         let mut res = res;
         if let Some((round, model, dp)) = self.dp_task.take()

@@ -120,7 +120,19 @@ pub async fn recv_message_timed(
     expect: Option<&Manifest>,
     deadline: &IoDeadline,
 ) -> Result<(Message, u64), Error> {
-    recv_inner(s, limits, expect, Some(deadline)).await
+    recv_inner(s, limits, expect, Some(deadline), &|| {}).await
+}
+
+/// [`recv_message_timed`], calling `on_progress` whenever bytes arrive (so that a peer in
+/// the middle of a long upload counts as alive).
+pub async fn recv_message_observed(
+    s: &mut quinn::RecvStream,
+    limits: &Limits,
+    expect: Option<&Manifest>,
+    deadline: &IoDeadline,
+    on_progress: &(dyn Fn() + Sync),
+) -> Result<(Message, u64), Error> {
+    recv_inner(s, limits, expect, Some(deadline), on_progress).await
 }
 
 fn transport<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Error {
@@ -166,7 +178,7 @@ pub async fn recv_message(
     limits: &Limits,
     expect: Option<&Manifest>,
 ) -> Result<(Message, u64), Error> {
-    recv_inner(s, limits, expect, None).await
+    recv_inner(s, limits, expect, None, &|| {}).await
 }
 
 async fn maybe_within<T>(
@@ -186,6 +198,7 @@ async fn recv_inner(
     limits: &Limits,
     expect: Option<&Manifest>,
     deadline: Option<&IoDeadline>,
+    on_progress: &(dyn Fn() + Sync),
 ) -> Result<(Message, u64), Error> {
     let mut head = [0u8; HEADER_LEN];
     maybe_within(
@@ -222,7 +235,10 @@ async fn recv_inner(
                         .await
                         .map_err(transport("reading payload"))?
                     {
-                        Some(chunk) => a.push(&chunk.bytes)?,
+                        Some(chunk) => {
+                            on_progress();
+                            a.push(&chunk.bytes)?
+                        }
                         None => break, // finish() reports the shortfall
                     }
                 }

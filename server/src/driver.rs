@@ -43,7 +43,9 @@ use flotilla_crypto::tls;
 use flotilla_protocol::codec::Limits;
 use flotilla_protocol::coordinator::{Coordinator, Event, RoundRecord};
 use flotilla_protocol::messages::AbortReason;
-use flotilla_protocol::quic::{IoDeadline, close, recv_message_timed, send_message_timed};
+use flotilla_protocol::quic::{
+    IoDeadline, close, recv_message_observed, recv_message_timed, send_message_timed,
+};
 use flotilla_protocol::{ClientId, Manifest, Message, Params};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{Notify, mpsc, watch};
@@ -490,11 +492,15 @@ async fn serve_connection(c: Arc<Conn>, id: ClientId, shared: Shared) {
                 ..shared.codec
             },
         };
-        let read = recv_message_timed(
+        // Every chunk of a long upload counts as a sign of life.
+        let epoch = shared.epoch;
+        let activity = &c.activity;
+        let read = recv_message_observed(
             &mut stream,
             &limits,
             gate.manifest.as_deref(),
             &shared.deadline,
+            &|| activity.store(millis_since(epoch), Ordering::Relaxed),
         )
         .await;
         c.activity
@@ -744,6 +750,7 @@ async fn run(
     let mut summary_tick = tokio::time::interval(Duration::from_secs(30));
     summary_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refused_reported = 0u64;
+    let mut waiting: Option<String> = None;
     let history_log = central.config.checkpoint_dir.join("history.jsonl");
 
     loop {
@@ -767,9 +774,21 @@ async fn run(
             warn!(client = %id, "cannot keep up with its send queue; closing");
             central.disconnect(Instant::now(), &id, close::TOO_SLOW, b"send queue full");
         }
+        let mut persisted = false;
         while let Some(ev) = central.coord.poll_event() {
             match &ev {
                 Event::ClientEnrolled(id) => info!(client = %id, "enrolled"),
+                Event::WaitingForClients {
+                    enrolled,
+                    eligible,
+                    required,
+                    without_secure_aggregation,
+                } => {
+                    let line =
+                        waiting_line(*enrolled, *eligible, *required, *without_secure_aggregation);
+                    info!("{line}");
+                    waiting = Some(line);
+                }
                 Event::ClientDropped { client, reason } => {
                     warn!(client = %client, "dropped: {reason}");
                     // Dropping the sender lets the writer flush the Abort; the connection
@@ -779,6 +798,7 @@ async fn run(
                     }
                 }
                 Event::RoundStarted { round, selected } => {
+                    waiting = None;
                     info!("round {round}: {selected} clients training")
                 }
                 Event::RoundCompleted(r) | Event::RoundAborted(r) => {
@@ -797,6 +817,8 @@ async fn run(
                         .map_err(|e| Error::Config(format!("checkpoint task: {e}")))??;
                         debug!("checkpoint {}", path.display());
                     }
+                    // Round k is on disk: only now may round k + 1 be announced.
+                    persisted = true;
                 }
                 Event::PrivacyBudgetReached {
                     spent,
@@ -825,6 +847,10 @@ async fn run(
         if finished {
             info!("all {} rounds done", central.coord.config().num_rounds);
             break;
+        }
+        if persisted {
+            central.coord.handle_persisted(Instant::now());
+            continue;
         }
 
         let deadline = central.coord.poll_timeout();
@@ -903,8 +929,17 @@ async fn run(
                     );
                     refused_reported = refused;
                 }
+                if let Some(line) = &waiting {
+                    info!("still {line}");
+                }
             }
             _ = sleep_until(deadline), if deadline.is_some() => {
+                // What the connections saw (bytes of uploads in progress, messages still
+                // queued behind a long pause of ours) counts before anyone is found idle.
+                for (id, c) in &central.clients {
+                    let at = epoch + Duration::from_millis(c.conn.activity.load(Ordering::Relaxed));
+                    central.coord.handle_activity(at, id);
+                }
                 central.coord.handle_timeout(Instant::now());
             }
         }
@@ -923,6 +958,24 @@ async fn run(
         bytes_sent: central.sent.load(Ordering::Relaxed),
         bytes_received: received,
     })
+}
+
+fn waiting_line(
+    enrolled: usize,
+    eligible: usize,
+    required: usize,
+    without_secagg: usize,
+) -> String {
+    let why = if without_secagg > 0 {
+        format!(
+            "; {without_secagg} connected but not eligible because they do not implement secure aggregation"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "waiting for {required} eligible clients (have {eligible} eligible of {enrolled} enrolled{why})"
+    )
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -757,10 +757,19 @@ impl Run<'_> {
             _ => None,
         };
         let mut cursor = 0usize;
+        // A coordinator that cannot start a round waits for clients (nothing is burnt). In
+        // memory no new client will come, so after this much simulated time without a round
+        // the run stops, saying why, instead of simulating heartbeats forever.
+        let stall = {
+            let c = h.coordinator.config();
+            c.round_timeout + c.idle_timeout.unwrap_or(Duration::ZERO) * 2
+        };
+        let mut waiting: Option<(Duration, Event)> = None;
         loop {
             let mut ended = None;
+            let mut stalled = false;
             h.run_until(Duration::from_secs(u64::MAX / 4), |h| {
-                while let Some((_, ev)) = h.events.get(cursor) {
+                while let Some((at, ev)) = h.events.get(cursor) {
                     cursor += 1;
                     match ev {
                         Event::RoundCompleted(r) | Event::RoundAborted(r) => {
@@ -768,11 +777,40 @@ impl Run<'_> {
                             return true;
                         }
                         Event::Finished => return true,
+                        Event::WaitingForClients { .. } => {
+                            waiting.get_or_insert((*at, ev.clone()));
+                        }
+                        Event::RoundStarted { .. } => waiting = None,
                         _ => {}
                     }
                 }
+                if let Some((since, _)) = &waiting
+                    && h.elapsed() > *since + stall
+                {
+                    stalled = true;
+                    return true;
+                }
                 false
             });
+            if stalled {
+                if let Some((
+                    _,
+                    Event::WaitingForClients {
+                        enrolled,
+                        eligible,
+                        required,
+                        ..
+                    },
+                )) = &waiting
+                {
+                    tracing::warn!(
+                        "stopping after round {}: no round could start for {stall:?} of simulated time \
+                         (waiting for {required} eligible clients, have {eligible} of {enrolled} enrolled)",
+                        h.coordinator.round()
+                    );
+                }
+                break;
+            }
             // None: finished (all rounds done, or the privacy budget), or nothing left to do.
             let Some(record) = ended else { break };
             let global = h.coordinator.global().context("no model")?.clone();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_client::data::{Split, bundled};
-use flotilla_client::partition::Partition;
+use flotilla_client::partition::{Partition, evaluation_shard};
 use flotilla_client::{BackendKind, BurnTrainer, Cnn, LocalData, seeded, select_device};
 use flotilla_protocol::coordinator::{Event, RoundRecord};
 use flotilla_protocol::secagg::SecAggConfig;
@@ -138,7 +138,11 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
     let train = bundled::mnist(Split::Train)?;
     let test = bundled::mnist(Split::Test)?;
     let train_parts = Partition::Iid.split(&train.labels, 10, opts.clients, opts.seed)?;
-    let test_parts = Partition::Iid.split(&test.labels, 10, opts.clients, opts.seed + 1)?;
+    // Evaluation shards never limit the number of clients (see `evaluation_shard`); up to
+    // the test set's size they are the plain IID split.
+    let test_parts = (0..opts.clients)
+        .map(|i| evaluation_shard(test.labels.len(), i, opts.clients, opts.seed + 1))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let mut config = server_config(&pki, &opts.out.join("checkpoints"));
     config.rounds.num_rounds = opts.rounds;

@@ -1,0 +1,183 @@
+//! Faults of real deployments, over real QUIC and mTLS on loopback.
+//!
+//! * Persistence before sending: no client is ever told to train round `k + 1` before round
+//!   `k`'s checkpoint is on disk (so a crash in between loses no round anyone trained on).
+//!   The machine-level test, with the crash injected, is
+//!   `no_round_is_announced_before_the_last_one_is_persisted` in `protocol/tests/rounds.rs`.
+//! * Liveness: a client in the middle of a long, slow upload is alive, though no complete
+//!   message has arrived for longer than the idle timeout.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use common::*;
+use flotilla_protocol::messages::{EvaluateRes, TrainRes};
+
+/// A raw client that answers every round and, each time it is told to train round `r`,
+/// records whether round `r - 1`'s checkpoint was already on disk.
+async fn checking_client(
+    ep: quinn::Endpoint,
+    pki: PkiDir,
+    addr: SocketAddr,
+    id: &'static str,
+    checkpoints: PathBuf,
+) -> Vec<(u64, bool)> {
+    let conn = raw_connect(&ep, &pki, addr, &identity(&pki, id), false)
+        .await
+        .unwrap();
+    assert!(enroll(&conn).await);
+    let mut seen = Vec::new();
+    loop {
+        let Ok(mut s) = conn.accept_uni().await else {
+            return seen;
+        };
+        let Ok((msg, _)) = recv_message(&mut s, &Limits::default(), None).await else {
+            return seen;
+        };
+        let reply = match msg {
+            Message::Train(t) => {
+                if t.round > 1 {
+                    let prev = checkpoints.join(format!("round-{:06}.ckpt", t.round - 1));
+                    seen.push((t.round, prev.exists()));
+                }
+                let v: Vec<f32> = t.model.values().iter().map(|x| x + 1.0).collect();
+                Message::TrainResult(TrainRes {
+                    round: t.round,
+                    num_examples: 10,
+                    metrics: Metrics::new(),
+                    params: t.model.with_values(v).unwrap(),
+                })
+            }
+            Message::Evaluate(e) => Message::EvaluateResult(EvaluateRes {
+                round: e.round,
+                num_examples: 10,
+                loss: 1.0,
+                metrics: Metrics::new(),
+            }),
+            Message::Abort { round: None, .. } => return seen,
+            _ => continue,
+        };
+        if send_message(&conn, &reply).await.is_err() {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_trains_round_k_plus_1_before_round_k_is_on_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki(tmp.path(), &["a", "b"]);
+    let mut cfg = config(&pki, tmp.path(), 100_000);
+    cfg.rounds.num_rounds = 8;
+    let checkpoints = cfg.checkpoint_dir.clone();
+    let server = flotilla_server::start(cfg, None).unwrap();
+    let addr = server.local_addr;
+    let ep = endpoint();
+    let a = tokio::spawn(checking_client(
+        ep.clone(),
+        pki.clone(),
+        addr,
+        "a",
+        checkpoints.clone(),
+    ));
+    let b = tokio::spawn(checking_client(
+        ep.clone(),
+        pki.clone(),
+        addr,
+        "b",
+        checkpoints,
+    ));
+    let summary = tokio::time::timeout(Duration::from_secs(60), server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.history.len(), 8);
+    for seen in [a.await.unwrap(), b.await.unwrap()] {
+        assert_eq!(seen.len(), 7, "told to train rounds 2..=8: {seen:?}");
+        assert!(
+            seen.iter().all(|(_, on_disk)| *on_disk),
+            "a round was announced before the previous checkpoint existed: {seen:?}"
+        );
+    }
+}
+
+/// A raw client that uploads its training result slowly: 16 KiB every 100 ms (160 KiB/s,
+/// above the minimum transfer rate) for a 1 MB model, sending no heartbeat. With an idle
+/// timeout of 2 s it used to be dropped as idle mid-upload; the bytes arriving now count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_uploading_slowly_is_not_dropped_as_idle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki(tmp.path(), &["fast", "slow"]);
+    let n = 250_000; // 1 MB of f32
+    let mut cfg = config(&pki, tmp.path(), n);
+    cfg.rounds.num_rounds = 1;
+    cfg.rounds.evaluate_every = 0;
+    cfg.rounds.idle_timeout_secs = 2.0;
+    cfg.rounds.round_timeout_secs = 60.0;
+    let server = flotilla_server::start(cfg, None).unwrap();
+    let addr = server.local_addr;
+    let (fast, stop) = good_client(
+        &pki,
+        "fast",
+        addr,
+        Delta {
+            n,
+            pause: Duration::ZERO,
+        },
+    );
+    let ep = endpoint();
+    let conn = raw_connect(&ep, &pki, addr, &identity(&pki, "slow"), false)
+        .await
+        .unwrap();
+    assert!(enroll(&conn).await);
+    let started = Instant::now();
+    let train = loop {
+        let mut s = conn.accept_uni().await.unwrap();
+        if let (Message::Train(t), _) = recv_message(&mut s, &Limits::default(), None)
+            .await
+            .unwrap()
+        {
+            break t;
+        }
+    };
+    let result = Message::TrainResult(TrainRes {
+        round: train.round,
+        num_examples: 10,
+        metrics: Metrics::new(),
+        params: train.model.clone(),
+    });
+    let enc = flotilla_protocol::codec::encode(&result).unwrap();
+    let mut s = conn.open_uni().await.unwrap();
+    s.write_all(&enc.head).await.unwrap();
+    for chunk in enc.payload_chunks(16 * 1024) {
+        s.write_all(&chunk).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.finish().unwrap();
+    let upload = started.elapsed();
+    let summary = tokio::time::timeout(Duration::from_secs(60), server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let _ = stop.send(true);
+    let _ = fast.await;
+    eprintln!("slow upload took {upload:?} with a 2 s idle timeout");
+    assert!(
+        upload > Duration::from_secs(4),
+        "the upload was not slow: {upload:?}"
+    );
+    let r = &summary.history[0];
+    assert!(r.aborted.is_none());
+    assert_eq!(
+        r.results, 2,
+        "the slow uploader's result counted: {:?}",
+        r.failures
+    );
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+}

@@ -142,6 +142,15 @@ impl CoordinatorConfig {
         }
         if let Some(sa) = &self.secure_aggregation {
             sa.validate()?;
+            // Every secure round sums at least min_train_results weights in 32 bits.
+            let least = (self.min_train_results as u64).saturating_mul(sa.max_weight);
+            if least > u32::MAX as u64 {
+                return Err(Error::Config(format!(
+                    "secure_aggregation.max_weight {} × min_train_results {} overflows the \
+                     32-bit sum: every secure round would abort; lower max_weight",
+                    sa.max_weight, self.min_train_results
+                )));
+            }
         }
         if let Some(dp) = &self.dp {
             dp.validate()?;

@@ -1359,6 +1359,12 @@ impl ServerRound {
                         .iter()
                         .filter_map(|v| self.adverts.get(v).cloned())
                         .collect();
+                    if let Err(why) = fits_in_a_control_message(self.round, &adverts) {
+                        // Grows with the number of neighbours (classic SecAgg: all clients):
+                        // say so, rather than failing to send and aborting as "too few".
+                        self.abort(AbortReason::SecureAggregation(why));
+                        return;
+                    }
                     if let Some(id) = self.setup.participants.get(u) {
                         self.out.push((
                             id.clone(),
@@ -1624,4 +1630,94 @@ fn derive_pair_seeds(
         all.extend(r?);
     }
     Ok(all)
+}
+
+/// Whether the neighbour keys for one client fit in one control message (1 MiB). Checked
+/// with an upper bound first (no encoding on the common path), exactly only near the cap.
+fn fits_in_a_control_message(round: u64, adverts: &[Advertisement]) -> Result<(), String> {
+    let cap = crate::codec::DEFAULT_MAX_CONTROL_BYTES as usize;
+    // postcard: varints of at most 10 bytes, fixed-size keys, length-prefixed bytes.
+    let bound: usize = 32
+        + adverts
+            .iter()
+            .map(|a| {
+                10 + 10
+                    + a.client.as_str().len()
+                    + 64
+                    + 10
+                    + a.certificate.len()
+                    + 10
+                    + a.signature.len()
+            })
+            .sum::<usize>();
+    if bound <= cap {
+        return Ok(());
+    }
+    let msg = Message::NeighbourKeys {
+        round,
+        adverts: adverts.to_vec(),
+    };
+    match crate::codec::encode(&msg) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let per = bound / adverts.len().max(1);
+            Err(format!(
+                "the key advertisements of {} neighbours do not fit in one control message ({e}); \
+                 lower secure_aggregation.neighbours (SecAgg+) to at most about {}",
+                adverts.len(),
+                (cap / per.max(1)).saturating_sub(1) & !1
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn advert(i: usize) -> Advertisement {
+        Advertisement {
+            round: 1,
+            client: ClientId::new(format!("client-{i:05}")),
+            c_pk: [1; 32],
+            s_pk: [2; 32],
+            certificate: vec![3; 600],
+            signature: vec![4; 72],
+        }
+    }
+
+    #[test]
+    fn neighbour_keys_that_outgrow_a_control_message_name_the_cause() {
+        let few: Vec<Advertisement> = (0..100).map(advert).collect();
+        assert_eq!(fits_in_a_control_message(1, &few), Ok(()));
+        // Classic SecAgg among 1,643 clients: 1,642 neighbours' adverts.
+        let many: Vec<Advertisement> = (0..1642).map(advert).collect();
+        let why = fits_in_a_control_message(1, &many).unwrap_err();
+        assert!(
+            why.starts_with(
+                "the key advertisements of 1642 neighbours do not fit in one control message"
+            ),
+            "{why}"
+        );
+        assert!(why.contains("lower secure_aggregation.neighbours"), "{why}");
+        // Near the cap the check is exact: what it accepts encodes.
+        let n = (0..2000)
+            .take_while(|k| {
+                let v: Vec<Advertisement> = (0..*k).map(advert).collect();
+                fits_in_a_control_message(1, &v).is_ok()
+            })
+            .count();
+        // (`count` counts the sizes 0..n that fit: the largest is n - 1.)
+        let largest = n - 1;
+        let edge: Vec<Advertisement> = (0..largest).map(advert).collect();
+        let msg = Message::NeighbourKeys {
+            round: 1,
+            adverts: edge,
+        };
+        assert!(
+            crate::codec::encode(&msg).is_ok(),
+            "{n} adverts were accepted"
+        );
+    }
 }

@@ -691,3 +691,17 @@ fn a_diverging_client_fails_its_round_and_stays_enrolled() {
     }
     assert!(h.coordinator.global().unwrap().check_finite().is_ok());
 }
+
+#[test]
+fn contradictory_secure_aggregation_settings_are_refused_at_start() {
+    // max_weight × min_train_results must fit the 32-bit sum, or every secure round aborts.
+    let mut cfg = config(1, 4);
+    cfg.secure_aggregation = Some(flotilla_protocol::secagg::SecAggConfig {
+        max_weight: 2_000_000_000,
+        ..Default::default()
+    });
+    let err = Coordinator::new(cfg, fedavg(1.0, 1), Some(model(4, 0.0)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("overflows the 32-bit sum"), "{err}");
+}

@@ -545,9 +545,18 @@ async fn writer(
             Ok(n) => {
                 sent.fetch_add(n, Ordering::Relaxed);
             }
-            Err(e) => {
+            Err(e @ flotilla_protocol::Error::Timeout { .. }) => {
                 debug!("send failed: {e}");
                 conn.close(close::TOO_SLOW.into(), b"send deadline missed");
+                return;
+            }
+            Err(e) => {
+                // The connection broke, or (a bug of ours) the message could not be encoded.
+                warn!(
+                    "sending a {} failed: {e}; closing the connection",
+                    msg.kind()
+                );
+                conn.close(close::DONE.into(), b"send failed");
                 return;
             }
         }

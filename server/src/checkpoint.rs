@@ -3,14 +3,23 @@
 //! A checkpoint file `round-NNNNNN.ckpt` is:
 //!
 //! ```text
-//! "FLCKPT01" | header_len u32 LE | header (JSON) | values (f32 LE) | SHA-256 of all before
+//! "FLCKPT02" | header_len u32 LE | header (JSON) | values (f32 LE) | strategy state (bytes)
+//!            | SHA-256 of all before
 //! ```
 //!
-//! The header holds the round, the manifest, the metrics history and the strategy's state.
+//! The header holds the round, the manifest, the last rounds' records (a bounded window),
+//! the privacy accountant, and the *lengths* of what follows; the strategy's state (server
+//! optimizer moments: as large as the model, or larger) is raw bytes after the values, so
+//! no size limit depends on the model. Files in the first format (`FLCKPT01`, state inside
+//! the JSON header) are still read.
+//!
 //! Files are written to a temporary name, fsynced, renamed into place and the directory
 //! fsynced, so a crash leaves either the old or the new checkpoint, never half of one. On
 //! start the server resumes from the newest checkpoint that verifies; a corrupt one is
-//! reported and the one before it is used.
+//! reported and the one before it is used; if checkpoints exist but none verifies, the
+//! server refuses to start (see [`crate::driver::coordinator`]). Retention never deletes a
+//! checkpoint newer than the one just written, and deletes old ones only once [`KEEP`]
+//! newer ones are known to verify.
 
 use std::fs;
 use std::io::{BufWriter, Write};
@@ -23,7 +32,9 @@ use sha2::{Digest, Sha256};
 
 use crate::Error;
 
-const MAGIC: &[u8; 8] = b"FLCKPT01";
+const MAGIC: &[u8; 8] = b"FLCKPT02";
+/// The first format (strategy state in the JSON header); still read.
+const MAGIC_V1: &[u8; 8] = b"FLCKPT01";
 /// Largest header accepted (the history of a long run fits easily).
 const MAX_HEADER: u32 = 256 << 20;
 /// Checkpoints kept on disk (older ones are pruned).
@@ -33,7 +44,12 @@ pub const KEEP: usize = 3;
 struct Header {
     round: u64,
     strategy: String,
+    /// Version 1 only: the state inside the header.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     strategy_state: Vec<u8>,
+    /// Version 2: bytes of strategy state after the values.
+    #[serde(default)]
+    strategy_state_len: u64,
     manifest: Manifest,
     history: Vec<RoundRecord>,
     num_values: u64,
@@ -59,7 +75,8 @@ pub fn write(dir: &Path, snapshot: &Snapshot, strategy: &str) -> Result<PathBuf,
     let header = Header {
         round: snapshot.round,
         strategy: strategy.to_string(),
-        strategy_state: snapshot.strategy_state.clone(),
+        strategy_state: Vec::new(),
+        strategy_state_len: snapshot.strategy_state.len() as u64,
         manifest: (**snapshot.global.manifest()).clone(),
         history: snapshot.history.clone(),
         num_values: snapshot.global.len() as u64,
@@ -84,6 +101,9 @@ pub fn write(dir: &Path, snapshot: &Snapshot, strategy: &str) -> Result<PathBuf,
     for chunk in snapshot.global.values().chunks(64 * 1024) {
         put(&mut w, &flotilla_protocol::codec::f32_le_bytes(chunk))?;
     }
+    for chunk in snapshot.strategy_state.chunks(1 << 20) {
+        put(&mut w, chunk)?;
+    }
     let digest = hash.finalize();
     w.write_all(&digest).map_err(io(&tmp))?;
     let file = w.into_inner().map_err(|e| Error::Io {
@@ -96,7 +116,8 @@ pub fn write(dir: &Path, snapshot: &Snapshot, strategy: &str) -> Result<PathBuf,
     if let Ok(d) = fs::File::open(dir) {
         let _ = d.sync_all();
     }
-    prune(dir, KEEP)?;
+    mark_verified(&path);
+    prune(dir, KEEP, snapshot.round)?;
     Ok(path)
 }
 
@@ -114,9 +135,11 @@ pub fn read(path: &Path) -> Result<(Snapshot, String), Error> {
     if Sha256::digest(body).as_slice() != digest {
         return Err(bad("checksum mismatch (truncated or corrupted file)".into()));
     }
-    if body.get(..8) != Some(MAGIC.as_slice()) {
-        return Err(bad("not a Flotilla checkpoint (bad magic)".into()));
-    }
+    let v1 = match body.get(..8) {
+        Some(m) if m == MAGIC.as_slice() => false,
+        Some(m) if m == MAGIC_V1.as_slice() => true,
+        _ => return Err(bad("not a Flotilla checkpoint (bad magic)".into())),
+    };
     let len_bytes: [u8; 4] = body
         .get(8..12)
         .and_then(|b| b.try_into().ok())
@@ -131,25 +154,33 @@ pub fn read(path: &Path) -> Result<(Snapshot, String), Error> {
             .ok_or_else(|| bad("truncated header".into()))?,
     )
     .map_err(|e| bad(format!("header: {e}")))?;
-    let payload = body.get(hend..).unwrap_or_default();
-    if payload.len() as u64 != header.num_values.saturating_mul(4) {
+    let rest = body.get(hend..).unwrap_or_default();
+    let values_len = header.num_values.saturating_mul(4);
+    let state_len = if v1 { 0 } else { header.strategy_state_len };
+    if rest.len() as u64 != values_len.saturating_add(state_len) {
         return Err(bad(format!(
-            "{} payload bytes for {} values",
-            payload.len(),
+            "{} bytes after the header for {} values and {state_len} bytes of strategy state",
+            rest.len(),
             header.num_values
         )));
     }
+    let (payload, state) = rest.split_at(values_len as usize);
     let values: Vec<f32> = payload
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     let global = Params::new(header.manifest, values).map_err(|e| bad(e.to_string()))?;
+    mark_verified(path);
     Ok((
         Snapshot {
             round: header.round,
             global,
             history: header.history,
-            strategy_state: header.strategy_state,
+            strategy_state: if v1 {
+                header.strategy_state
+            } else {
+                state.to_vec()
+            },
             accountant: header.accountant,
         },
         header.strategy,
@@ -208,9 +239,55 @@ pub fn latest_valid(dir: &Path) -> Result<Option<(PathBuf, Snapshot, String)>, E
     Ok(None)
 }
 
-fn prune(dir: &Path, keep: usize) -> Result<(), Error> {
-    for old in list(dir)?.into_iter().skip(keep) {
-        fs::remove_file(&old).map_err(io(&old))?;
+/// Checkpoint files this process wrote or read successfully (so retention need not re-read
+/// large files to know they verify).
+static VERIFIED: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+fn mark_verified(path: &Path) {
+    if let Ok(mut v) = VERIFIED.lock() {
+        v.insert(path.to_path_buf());
+    }
+}
+
+fn is_verified(path: &Path) -> bool {
+    VERIFIED.lock().map(|v| v.contains(path)).unwrap_or(false) || read(path).is_ok()
+}
+
+fn round_of(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("round-")?
+        .strip_suffix(".ckpt")?
+        .parse()
+        .ok()
+}
+
+/// Deletes old checkpoints: never one newer than `written` (the round just written), and
+/// only those older than the `keep` newest checkpoints that verify.
+fn prune(dir: &Path, keep: usize, written: u64) -> Result<(), Error> {
+    let mut good = 0;
+    for path in list(dir)? {
+        let Some(round) = round_of(&path) else {
+            continue;
+        };
+        if round > written {
+            tracing::warn!(
+                "{} is newer than the round just written ({written}); left alone",
+                path.display()
+            );
+            continue;
+        }
+        if good < keep {
+            if is_verified(&path) {
+                good += 1;
+            }
+            continue;
+        }
+        fs::remove_file(&path).map_err(io(&path))?;
+        if let Ok(mut v) = VERIFIED.lock() {
+            v.remove(&path);
+        }
     }
     Ok(())
 }
@@ -373,5 +450,107 @@ mod tests {
         let path = dir.path().join("model.safetensors");
         export_safetensors(&p, &path).unwrap();
         assert_eq!(import_safetensors(&path).unwrap(), p);
+    }
+
+    #[test]
+    fn a_50m_parameter_fedadam_checkpoint_resumes_at_its_round() {
+        use flotilla_protocol::messages::{ClientId, Metrics};
+        use flotilla_protocol::strategy::{ClientUpdate, TrainResults};
+        let dir = tempfile::tempdir().unwrap();
+        let n = 50_000_000;
+        let manifest = Manifest::new(vec![TensorSpec::new("w", &[n])]);
+        let global = Params::new(manifest.clone(), vec![0.0; n]).unwrap();
+        let mut cfg = crate::ServerConfig::default();
+        cfg.strategy.name = "fedadam".into();
+        cfg.checkpoint_dir = dir.path().to_path_buf();
+        let mut strategy = cfg.strategy().unwrap();
+        let update = ClientUpdate {
+            client: ClientId::new("a"),
+            num_examples: 10,
+            metrics: Metrics::new(),
+            params: Params::new(manifest, vec![0.5; n]).unwrap(),
+        };
+        let new = strategy
+            .aggregate_train(
+                3,
+                &global,
+                TrainResults::Individual(std::slice::from_ref(&update)),
+                &[],
+            )
+            .unwrap()
+            .unwrap();
+        drop((global, update));
+        let state = strategy.state();
+        // Far over the 256 MiB that the first format's JSON header could hold.
+        assert!(
+            state.len() > 256 << 20,
+            "{} bytes of optimizer state",
+            state.len()
+        );
+        let snapshot = Snapshot {
+            round: 3,
+            global: new,
+            history: Vec::new(),
+            strategy_state: state,
+            accountant: None,
+        };
+        write(dir.path(), &snapshot, "fedadam").unwrap();
+        let (back, name) = read(&path_for(dir.path(), 3)).unwrap();
+        assert_eq!(name, "fedadam");
+        assert!(back == snapshot, "the checkpoint reads back as written");
+        drop(back);
+        let coord = crate::driver::coordinator(&cfg).unwrap();
+        assert_eq!(coord.round(), 3, "resumed after round 3");
+        assert!(coord.global() == Some(&snapshot.global));
+    }
+
+    #[test]
+    fn unreadable_checkpoints_refuse_a_start_unless_fresh() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), &snapshot(7), "fedavg").unwrap();
+        let path = path_for(dir.path(), 7);
+        let mut bytes = fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        fs::write(&path, bytes).unwrap();
+        let mut cfg = crate::ServerConfig {
+            checkpoint_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let err = crate::driver::coordinator(&cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("none verifies") && err.contains("--fresh"),
+            "{err}"
+        );
+        assert!(path.exists(), "nothing was deleted");
+        cfg.fresh = true;
+        let coord = crate::driver::coordinator(&cfg).unwrap();
+        assert_eq!(coord.round(), 0);
+        assert!(!path.exists());
+        assert!(
+            path.with_extension("ckpt.unreadable").exists(),
+            "set aside, not deleted"
+        );
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_and_never_deletes_newer_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        for r in 1..=6 {
+            write(dir.path(), &snapshot(r), "fedavg").unwrap();
+        }
+        let rounds = |d: &Path| -> Vec<u64> {
+            let mut v: Vec<u64> = list(d)
+                .unwrap()
+                .iter()
+                .filter_map(|p| round_of(p))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(rounds(dir.path()), vec![4, 5, 6]);
+        // A run that (wrongly) started over writes round 1: the newer files stay.
+        write(dir.path(), &snapshot(1), "fedavg").unwrap();
+        assert_eq!(rounds(dir.path()), vec![1, 4, 5, 6]);
     }
 }

@@ -457,6 +457,10 @@ pub struct ServerConfig {
     pub secure_aggregation: Option<SecAggConfig>,
     /// Differential privacy; absent: off.
     pub dp: Option<DpConfig>,
+    /// Start anew even if the checkpoint directory holds checkpoints none of which verifies
+    /// (they are renamed `*.unreadable`). Command line only (`--fresh`).
+    #[serde(skip)]
+    pub fresh: bool,
 }
 
 impl Default for ServerConfig {
@@ -473,6 +477,7 @@ impl Default for ServerConfig {
             limits: LimitsConfig::default(),
             secure_aggregation: None,
             dp: None,
+            fresh: false,
         }
     }
 }

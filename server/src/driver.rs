@@ -282,6 +282,38 @@ pub fn coordinator(config: &ServerConfig) -> Result<Coordinator, Error> {
         };
         return Ok(Coordinator::resume(cc, strategy, snapshot)?);
     }
+    // Checkpoints exist but none verifies: starting over at round 1 would throw the run's
+    // progress away (and its retention would then delete the new ones). Refuse, unless told.
+    let existing = checkpoint::list(&config.checkpoint_dir)?;
+    if let Some(newest) = existing.first() {
+        let why = match checkpoint::read(newest) {
+            Err(e) => e.to_string(),
+            Ok(_) => "unreadable".into(),
+        };
+        if !config.fresh {
+            return Err(Error::Checkpoint {
+                path: config.checkpoint_dir.clone(),
+                reason: format!(
+                    "{} checkpoint(s) here but none verifies (newest: {why}); refusing to start \
+                     over from round 1. Repair or remove them, or run with --fresh to set them \
+                     aside (renamed *.unreadable) and start anew",
+                    existing.len()
+                ),
+            });
+        }
+        for p in &existing {
+            let aside = p.with_extension("ckpt.unreadable");
+            warn!(
+                "--fresh: setting {} aside as {}",
+                p.display(),
+                aside.display()
+            );
+            std::fs::rename(p, &aside).map_err(|source| Error::Io {
+                path: p.clone(),
+                source,
+            })?;
+        }
+    }
     let initial = config
         .initial_model
         .as_deref()

@@ -104,6 +104,10 @@ struct RunArgs {
     /// Override: PKI directory holding ca.crt, server.crt, server.key and crl.pem.
     #[arg(long)]
     pki: Option<PathBuf>,
+    /// Start anew when the checkpoint directory holds checkpoints none of which verifies
+    /// (they are set aside as *.unreadable); without it the server refuses to start.
+    #[arg(long)]
+    fresh: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -223,6 +227,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(v) = args.initial_model {
         config.initial_model = Some(v);
     }
+    config.fresh = args.fresh;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let mut server = flotilla_server::start(config, None)?;

@@ -11,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let limits = Limits {
         max_control_bytes: 64 * 1024,
         max_payload_bytes: 1 << 20,
+        ..Limits::default()
     };
     let whole = codec::decode_from_slice(data, &limits);
 

@@ -47,10 +47,15 @@ impl std::str::FromStr for BackendKind {
 /// The device for `wanted`, or the `flex` CPU device with one warning line if `wanted` cannot
 /// be used here. Returns the device (without autodiff) and the backend actually used.
 pub fn select_device(wanted: BackendKind) -> (Device, BackendKind) {
+    select_device_at(wanted, 0)
+}
+
+/// [`select_device`] with the index of the GPU to use (for `cuda`; ignored otherwise).
+pub fn select_device_at(wanted: BackendKind, index: usize) -> (Device, BackendKind) {
     match wanted {
         BackendKind::Cpu => (Device::flex(), BackendKind::Cpu),
         BackendKind::Ndarray => ndarray_device(),
-        BackendKind::Cuda => match cuda_device() {
+        BackendKind::Cuda => match cuda_device(index) {
             Ok(d) => (d, BackendKind::Cuda),
             Err(why) => {
                 tracing::warn!(
@@ -76,8 +81,31 @@ fn ndarray_device() -> (Device, BackendKind) {
     (Device::flex(), BackendKind::Cpu)
 }
 
+/// The CUDA devices this machine has (empty without the `cuda` feature, a driver or a GPU).
+pub fn cuda_devices() -> Vec<Device> {
+    cuda_list().unwrap_or_default()
+}
+
 #[cfg(feature = "cuda")]
-fn cuda_device() -> Result<Device, String> {
+fn cuda_device(index: usize) -> Result<Device, String> {
+    let devices = cuda_list()?;
+    let found = devices.len();
+    devices.into_iter().nth(index).ok_or_else(|| {
+        if found == 0 {
+            "no CUDA device found".to_string()
+        } else {
+            format!("CUDA device {index} asked for, {found} found (indices from 0)")
+        }
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_index: usize) -> Result<Device, String> {
+    cuda_list().map(|_| Device::flex())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_list() -> Result<Vec<Device>, String> {
     // Creating a CUDA device where there is no GPU or driver panics inside the runtime, so the
     // devices are listed first, with the panic caught and its message kept off the terminal.
     let previous = std::panic::take_hook();
@@ -86,19 +114,14 @@ fn cuda_device() -> Result<Device, String> {
         burn::tensor::Device::enumerate(burn::tensor::DeviceType::Cuda).into_vec()
     });
     std::panic::set_hook(previous);
-    match found {
-        Ok(devices) => devices
-            .into_iter()
-            .next()
-            .ok_or_else(|| "no CUDA device found".to_string()),
-        Err(_) => Err("the CUDA driver or runtime is not available".to_string()),
-    }
+    found.map_err(|_| "the CUDA driver or runtime is not available".to_string())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_device() -> Result<Device, String> {
+fn cuda_list() -> Result<Vec<Device>, String> {
     Err(
-        "this build lacks the `cuda` feature; rebuild with --features cuda (needs network access)"
+        "this build lacks the `cuda` feature; rebuild with --features cuda (see the README: \
+         it builds offline against Debian's LLVM)"
             .into(),
     )
 }

@@ -20,7 +20,7 @@ use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
 use flotilla_crypto::tls;
 use flotilla_protocol::codec::Limits;
 use flotilla_protocol::messages::{
-    AbortReason, Capabilities, EvaluateRes, Metrics, TrainConfig, TrainRes,
+    AbortReason, Capabilities, EvaluateRes, Metrics, ModelSummary, TrainConfig, TrainRes,
 };
 use flotilla_protocol::quic::{IoDeadline, close, recv_message_timed, send_message_timed};
 use flotilla_protocol::secagg::{Randomness, SecAggIdentity};
@@ -88,6 +88,7 @@ impl ClientOptions {
                 num_examples: None,
                 secure_aggregation: false,
                 software: format!("flotilla-client {}", env!("CARGO_PKG_VERSION")),
+                model: None,
             },
             secure_aggregation: true,
         }
@@ -158,6 +159,11 @@ fn closed_by_server(e: &quinn::ConnectionError, enrolled: bool) -> Option<Sessio
         }
         close::REVOKED => Some(SessionError::Fatal(Error::Refused(
             "the server says our certificate is revoked".into(),
+        ))),
+        close::WRONG_MODEL => Some(SessionError::Fatal(Error::Refused(
+            "the server refused our model: it is not the federation's (check the model \
+             and its configuration against the other clients')"
+                .into(),
         ))),
         _ => {
             let _ = enrolled;
@@ -259,6 +265,15 @@ pub async fn run<T: Trainer + 'static>(
     })?;
     endpoint.set_default_client_config(cc);
 
+    // Declare our model in the hello, so that a server training another one refuses us at
+    // once, with the reason, instead of after a download.
+    let mut trainer = trainer;
+    let mut options = options;
+    if options.capabilities.model.is_none() {
+        let initial = trainer.initial_params()?;
+        options.capabilities.model = Some(ModelSummary::of(initial.manifest()));
+    }
+    let options = options;
     let mut trainer = Some(trainer);
     let mut stats = ClientStats::default();
     let mut backoff = options.backoff_initial;
@@ -438,6 +453,10 @@ async fn drive<T: Trainer + 'static>(
                 ParticipantEvent::Closed { reason } => {
                     break 'session match reason {
                         AbortReason::Finished => Ok(SessionEnd::Finished),
+                        // Retrying cannot help: the model must be changed first.
+                        r @ AbortReason::ModelMismatch { .. } => Err(SessionError::Fatal(
+                            Error::Refused(format!("the server refused our model: {r}")),
+                        )),
                         other => Err(SessionError::Retry(
                             format!("server closed the session: {other}"),
                             true,

@@ -34,10 +34,11 @@ pub mod models;
 pub mod partition;
 pub mod trainer;
 
-pub use backend::{BackendKind, select_device};
+pub use backend::{BackendKind, cuda_devices, select_device, select_device_at};
 /// The run-time compute device (burn 0.22 selects the backend through it).
+pub use burn::module::Module;
 pub use burn::tensor::Device;
-pub use models::{Classifier, Cnn, Mlp2nn, ModelKind, seeded};
+pub use models::{Classifier, Cnn, Mlp2nn, ModelKind, Precision, seeded};
 pub use trainer::{BurnTrainer, Evaluation, LocalData, LocalUpdate, Trainer};
 
 use std::path::PathBuf;

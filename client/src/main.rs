@@ -13,7 +13,9 @@ use clap::Parser;
 use flotilla_client::data::{Dataset, Split, bundled, load_idx_dir};
 use flotilla_client::driver::{ClientOptions, run};
 use flotilla_client::partition::{Partition, evaluation_shard};
-use flotilla_client::{BackendKind, BurnTrainer, Cnn, LocalData, Mlp2nn, ModelKind, select_device};
+use flotilla_client::{
+    BackendKind, BurnTrainer, Cnn, LocalData, Mlp2nn, ModelKind, Precision, select_device_at,
+};
 use flotilla_crypto::pki::{Identity, PkiDir, load_certs};
 
 #[derive(Parser, Debug)]
@@ -62,10 +64,35 @@ struct Args {
     /// Compute backend: cpu (burn flex), ndarray or cuda.
     #[arg(long, default_value = "cpu")]
     backend: String,
+    /// Which GPU, with --backend cuda (0 = the first).
+    #[arg(long, default_value_t = 0)]
+    device_index: usize,
+    /// Arithmetic precision of local training: f32, bf16 or f16 (mixed precision: f32
+    /// master weights; the update sent is f32). bf16/f16 need a device that computes in them
+    /// (CUDA); elsewhere the client says so and trains in f32.
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Refuse secure aggregation (take part in plain rounds only). By default the client
     /// joins SecAgg+ rounds when the server runs them.
     #[arg(long)]
     no_secure_aggregation: bool,
+}
+
+/// `t` training in `precision`, or in f32 with one warning line where that cannot be done.
+fn in_precision<M: flotilla_client::Classifier>(
+    t: BurnTrainer<M>,
+    precision: Precision,
+) -> anyhow::Result<BurnTrainer<M>> {
+    if precision == Precision::F32 {
+        return Ok(t);
+    }
+    // `with_precision` consumes the trainer; check first so that it can be kept.
+    let device = t.device().clone();
+    if precision.dtype().is_some_and(|d| !device.supports_dtype(d)) {
+        tracing::warn!("this device cannot compute in {precision}; training in f32 instead");
+        return Ok(t);
+    }
+    Ok(t.with_precision(precision)?)
 }
 
 fn parse_split(s: &str) -> anyhow::Result<Partition> {
@@ -153,7 +180,8 @@ fn main() -> anyhow::Result<()> {
     );
 
     let backend: BackendKind = args.backend.parse()?;
-    let (device, used) = select_device(backend);
+    let (device, used) = select_device_at(backend, args.device_index);
+    let precision: Precision = args.precision.parse()?;
     let mut options = ClientOptions::new(args.server, args.server_name, identity, ca);
     options.capabilities.backend = used.to_string();
     options.secure_aggregation = !args.no_secure_aggregation;
@@ -181,7 +209,7 @@ fn main() -> anyhow::Result<()> {
                     train_local,
                     Some(test_local),
                 )?;
-                run(options, t, stop_rx).await?.1
+                run(options, in_precision(t, precision)?, stop_rx).await?.1
             }
             ModelKind::Mlp2nn => {
                 let t = BurnTrainer::new(
@@ -189,7 +217,7 @@ fn main() -> anyhow::Result<()> {
                     train_local,
                     Some(test_local),
                 )?;
-                run(options, t, stop_rx).await?.1
+                run(options, in_precision(t, precision)?, stop_rx).await?.1
             }
         };
         tracing::info!(

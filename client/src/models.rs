@@ -5,7 +5,9 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::nn::{Linear, LinearConfig, PaddingConfig2d, Relu};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::module::{conv2d, linear};
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Device, FloatDType, Tensor};
 
 /// Builds a model whose initial weights are drawn from `seed`, repeatably.
 ///
@@ -37,6 +39,42 @@ pub fn seeded<M: Module>(device: &Device, seed: u64, make: impl FnOnce(&Device) 
 pub trait Classifier: Module + 'static {
     /// Logits `[batch, classes]` for inputs `[batch, features]`.
     fn forward(&self, input: Tensor<2>) -> Tensor<2>;
+
+    /// Mixed precision: the same logits (returned in f32) with the arithmetic done in `dtype`
+    /// (bf16 or f16). The parameters stay f32 (the "master weights" the optimizer updates);
+    /// each step casts them to `dtype` on the way in, and the gradients flow back through the
+    /// casts to the f32 parameters. The default does the arithmetic in f32: models that do
+    /// not implement this train in f32 whatever the precision asked for.
+    fn forward_mixed(&self, input: Tensor<2>, dtype: FloatDType) -> Tensor<2> {
+        let _ = dtype;
+        self.forward(input)
+    }
+
+    /// Whether [`Classifier::forward_mixed`] really computes in another precision.
+    fn supports_mixed_precision(&self) -> bool {
+        false
+    }
+}
+
+/// `l` applied to `x` with its weights cast to `dtype`.
+fn linear_in(l: &Linear, x: Tensor<2>, dtype: FloatDType) -> Tensor<2> {
+    linear(
+        x,
+        l.weight.val().cast(dtype),
+        l.bias.as_ref().map(|b| b.val().cast(dtype)),
+    )
+}
+
+/// `c` (stride 1, "same" padding of a 5x5 kernel, as built in [`Cnn::new`]) applied to `x`
+/// with its weights cast to `dtype`.
+fn conv_in(c: &Conv2d, x: Tensor<4>, dtype: FloatDType) -> Tensor<4> {
+    let pad = [c.kernel_size[0] / 2, c.kernel_size[1] / 2];
+    conv2d(
+        x,
+        c.weight.val().cast(dtype),
+        c.bias.as_ref().map(|b| b.val().cast(dtype)),
+        ConvOptions::new(c.stride, pad, c.dilation, c.groups),
+    )
 }
 
 /// The "2NN" of McMahan et al.: a multilayer perceptron with two hidden layers of 200 units
@@ -66,6 +104,16 @@ impl Classifier for Mlp2nn {
         let x = self.relu.forward(self.fc1.forward(input));
         let x = self.relu.forward(self.fc2.forward(x));
         self.fc3.forward(x)
+    }
+
+    fn forward_mixed(&self, input: Tensor<2>, dtype: FloatDType) -> Tensor<2> {
+        let x = self.relu.forward(linear_in(&self.fc1, input.cast(dtype), dtype));
+        let x = self.relu.forward(linear_in(&self.fc2, x, dtype));
+        linear_in(&self.fc3, x, dtype).cast(FloatDType::F32)
+    }
+
+    fn supports_mixed_precision(&self) -> bool {
+        true
     }
 }
 
@@ -113,6 +161,69 @@ impl Classifier for Cnn {
         let x = x.flatten::<2>(1, 3);
         let x = self.relu.forward(self.fc1.forward(x));
         self.fc2.forward(x)
+    }
+
+    fn forward_mixed(&self, input: Tensor<2>, dtype: FloatDType) -> Tensor<2> {
+        let [batch, _] = input.dims();
+        let x = input.cast(dtype).reshape([batch, 1, self.side, self.side]);
+        let x = self.pool.forward(self.relu.forward(conv_in(&self.conv1, x, dtype)));
+        let x = self.pool.forward(self.relu.forward(conv_in(&self.conv2, x, dtype)));
+        let x = x.flatten::<2>(1, 3);
+        let x = self.relu.forward(linear_in(&self.fc1, x, dtype));
+        linear_in(&self.fc2, x, dtype).cast(FloatDType::F32)
+    }
+
+    fn supports_mixed_precision(&self) -> bool {
+        true
+    }
+}
+
+/// The arithmetic precision of local training. The model received, the master weights and
+/// the update sent are f32 in every case.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32 (the default).
+    #[default]
+    F32,
+    /// Forward and backward in bfloat16, f32 master weights.
+    Bf16,
+    /// Forward and backward in IEEE half precision, f32 master weights.
+    F16,
+}
+
+impl Precision {
+    /// The compute dtype, or `None` for plain f32.
+    pub fn dtype(self) -> Option<FloatDType> {
+        match self {
+            Precision::F32 => None,
+            Precision::Bf16 => Some(FloatDType::BF16),
+            Precision::F16 => Some(FloatDType::F16),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            "f16" | "fp16" => Ok(Precision::F16),
+            other => Err(crate::Error::Config(format!(
+                "unknown precision {other:?} (expected f32, bf16 or f16)"
+            ))),
+        }
     }
 }
 

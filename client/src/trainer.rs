@@ -16,6 +16,7 @@ use burn::optim::{AdamConfig, GradientsParams, SgdConfig, momentum::MomentumConf
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use flotilla_protocol::messages::{BatchSize, Metrics, Optimizer, TrainConfig};
 use flotilla_protocol::{Manifest, Params};
+use crate::models::Precision;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -140,6 +141,8 @@ pub struct BurnTrainer<M: Classifier> {
     loss: CrossEntropyLoss,
     /// Batch size used for evaluation.
     pub eval_batch: usize,
+    /// Arithmetic precision of training steps (see [`Precision`]).
+    precision: Precision,
 }
 
 impl<M: Classifier> std::fmt::Debug for BurnTrainer<M> {
@@ -173,7 +176,33 @@ impl<M: Classifier> BurnTrainer<M> {
             train,
             test,
             eval_batch: 1000,
+            precision: Precision::F32,
         })
+    }
+
+    /// Trains in `precision` (f32 master weights either way). Refused where the device or
+    /// the model cannot do it; the caller decides whether to fall back to f32.
+    pub fn with_precision(mut self, precision: Precision) -> Result<Self, Error> {
+        if let Some(dtype) = precision.dtype() {
+            if !self.device.supports_dtype(dtype) {
+                return Err(Error::Config(format!(
+                    "this device ({:?}) cannot compute in {precision}",
+                    self.device
+                )));
+            }
+            if !self.model.as_ref().is_some_and(M::supports_mixed_precision) {
+                return Err(Error::Config(format!(
+                    "this model does not implement {precision} training (Classifier::forward_mixed)"
+                )));
+            }
+        }
+        self.precision = precision;
+        Ok(self)
+    }
+
+    /// The training precision.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The model's manifest.
@@ -297,7 +326,10 @@ impl<M: Classifier> Trainer for BurnTrainer<M> {
             order.shuffle(&mut rng);
             for idx in order.chunks(batch) {
                 let (x, y) = make_batch(&self.train.data, idx, &self.device);
-                let logits = model.forward(x);
+                let logits = match self.precision.dtype() {
+                    None => model.forward(x),
+                    Some(dtype) => model.forward_mixed(x, dtype),
+                };
                 let mut loss = self.loss.forward(logits, y);
                 let report = loss.clone().detach() * idx.len() as f32;
                 loss_sum = Some(match loss_sum {

@@ -166,3 +166,50 @@ fn bad_inputs_are_typed_errors() {
     // The trainer is still usable afterwards.
     t.train(&g, &config(Optimizer::default(), 0.1)).unwrap();
 }
+
+/// Mixed precision: where the device computes in bf16 (flex does, on the CPU), a bf16-trained
+/// model learns like the f32 one from the same start, its parameters stay f32 master weights
+/// (the update sent is f32, finite, and not rounded to bf16's 8-bit mantissa), and the two
+/// differ (the arithmetic really was bf16). Where it cannot, the trainer refuses with the
+/// reason.
+#[test]
+fn mixed_precision_trains_with_f32_master_weights() {
+    use flotilla_client::Precision;
+    let sgd = TrainConfig {
+        epochs: 3,
+        ..config(Optimizer::Sgd { momentum: 0.9 }, 0.05)
+    };
+    let mut full = trainer(1000);
+    let start = full.initial_params().unwrap();
+    let d = Device::flex();
+    if !d.supports_dtype(burn::tensor::FloatDType::BF16) {
+        let err = trainer(100).with_precision(Precision::Bf16).unwrap_err();
+        assert!(err.to_string().contains("bf16"), "{err}");
+        return;
+    }
+    let mut half = trainer(1000).with_precision(Precision::Bf16).unwrap();
+    assert_eq!(half.precision(), Precision::Bf16);
+    let a = full.train(&start, &sgd).unwrap();
+    let b = half.train(&start, &sgd).unwrap();
+    b.params.check_finite().unwrap();
+    // Both learn: the mean training loss of the epoch is below ln(10) = 2.30 (chance).
+    let (la, lb) = (a.metrics["train_loss"], b.metrics["train_loss"]);
+    assert!(la < 2.0 && lb < 2.0, "f32 {la}, bf16 {lb}");
+    assert!((la - lb).abs() < 0.1, "f32 {la}, bf16 {lb}");
+    // Different arithmetic, same trajectory: close, not equal.
+    let moved = distance(&start, &a.params);
+    let apart = distance(&a.params, &b.params);
+    assert!(apart > 0.0);
+    assert!(apart < 0.5 * moved, "apart {apart}, moved {moved}");
+    // f32 master weights: the updated values are not all representable in bf16.
+    let not_bf16 = b
+        .params
+        .values()
+        .iter()
+        .filter(|v| v.to_bits() & 0xFFFF != 0)
+        .count();
+    assert!(not_bf16 > b.params.len() / 2, "{not_bf16} of {}", b.params.len());
+    // Evaluation still works on the f32 model.
+    let e = half.evaluate(&b.params).unwrap();
+    assert!(e.accuracy > 0.6, "{}", e.accuracy);
+}

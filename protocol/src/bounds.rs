@@ -65,9 +65,10 @@ fn check_reason(r: &AbortReason, limits: &Limits) -> Result<(), Error> {
         | AbortReason::SecureAggregation(s) => {
             check("reason bytes", s.len(), limits.max_text_bytes.into())
         }
-        AbortReason::TooFewClients { .. } | AbortReason::ServerShutdown | AbortReason::Finished => {
-            Ok(())
-        }
+        AbortReason::TooFewClients { .. }
+        | AbortReason::ServerShutdown
+        | AbortReason::Finished
+        | AbortReason::ModelMismatch { .. } => Ok(()),
     }
 }
 

@@ -38,7 +38,7 @@ use flotilla_crypto::secagg::shamir::Share;
 /// Frame magic.
 pub const MAGIC: [u8; 2] = *b"FL";
 /// Frame format version written by this build.
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// Length of the fixed frame header.
 pub const HEADER_LEN: usize = 8;
 /// Default cap on a control body.
@@ -771,6 +771,11 @@ mod tests {
                     num_examples: Some(600),
                     secure_aggregation: true,
                     software: "flotilla 0.1.0".into(),
+                    model: Some(ModelSummary {
+                        digest: [7; 32],
+                        tensors: 8,
+                        parameters: 1_663_370,
+                    }),
                 },
             }),
             Message::Welcome(Welcome {

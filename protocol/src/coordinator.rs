@@ -29,7 +29,7 @@ use crate::Error;
 use crate::dp::{ClientDp, DpConfig, DpMode, PrivacyReport};
 use crate::messages::{
     AbortReason, Capabilities, ClientId, EvaluateIns, EvaluateRes, Message, Metrics,
-    PROTOCOL_VERSION, TrainIns, TrainRes, Welcome,
+    ModelSummary, PROTOCOL_VERSION, TrainIns, TrainRes, Welcome,
 };
 use crate::params::Params;
 use crate::secagg::{Handled, SecAggConfig, SecAggStats, ServerRound};
@@ -82,6 +82,11 @@ pub struct CoordinatorConfig {
     /// Largest example count a client may report (it is the client's FedAvg weight): a
     /// result claiming more is a protocol violation.
     pub max_examples: u64,
+    /// With no initial model configured, the model is taken from a client only once this
+    /// many enrolled clients declare the same model (manifest digest): one misconfigured
+    /// client cannot choose the federation's model. Capped at `min_available_clients` (a
+    /// federation that starts with one client trusts that one).
+    pub model_quorum: usize,
 }
 
 /// Default [`CoordinatorConfig::max_examples`].
@@ -109,6 +114,7 @@ impl Default for CoordinatorConfig {
             straggler_backoff: Duration::from_secs(600),
             over_selection: 0.0,
             max_examples: DEFAULT_MAX_EXAMPLES,
+            model_quorum: 2,
         }
     }
 }
@@ -133,6 +139,9 @@ impl CoordinatorConfig {
                 "over_selection {} must be between 0 and 10",
                 self.over_selection
             )));
+        }
+        if self.model_quorum == 0 {
+            return Err(Error::Config("model_quorum must be at least 1".into()));
         }
         if self.history_window == 0 {
             return Err(Error::Config("history_window must be at least 1".into()));
@@ -200,6 +209,24 @@ pub enum Event {
     },
     /// The coordinator received the initial model.
     ModelInitialized,
+    /// There is no model yet and not enough enrolled clients agree on one to take it from
+    /// them (emitted when this changes).
+    WaitingForModel {
+        /// Clients in the largest group declaring the same model.
+        agreeing: usize,
+        /// Clients that must agree ([`CoordinatorConfig::model_quorum`], capped).
+        required: usize,
+        /// Enrolled clients that declared no model.
+        undeclared: usize,
+    },
+    /// A client was refused at enrollment or dropped because its model is not the
+    /// federation's; it was told why ([`AbortReason::ModelMismatch`]).
+    ClientRefused {
+        /// The client.
+        client: ClientId,
+        /// Why, in words.
+        reason: String,
+    },
     /// A round began.
     RoundStarted {
         /// Round number.
@@ -667,6 +694,10 @@ impl Coordinator {
                     // closed with `handle_disconnect` first, so the client is not enrolled.)
                     return Ok(());
                 }
+                if let Some(reason) = self.model_mismatch(h.capabilities.model.as_ref()) {
+                    self.refuse(from, reason);
+                    return Ok(());
+                }
                 let straggling = self.stragglers.remove(from).unwrap_or_default();
                 self.clients.insert(
                     from.clone(),
@@ -734,9 +765,32 @@ impl Coordinator {
         match &self.phase {
             Phase::InitParams { asked, .. } if asked == from => {
                 p.check_finite()?;
+                let got = ModelSummary::of(p.manifest());
+                let declared = self
+                    .clients
+                    .get(from)
+                    .and_then(|c| c.capabilities.model);
+                if declared.is_some_and(|d| d.digest != got.digest) {
+                    return Err(Error::InvalidMessage(format!(
+                        "initial parameters ({got}) are not the model the client declared"
+                    )));
+                }
                 self.global = Some(p);
                 self.phase = Phase::Waiting;
                 self.events.push_back(Event::ModelInitialized);
+                // Clients that declared another model are not part of this federation.
+                let others: Vec<(ClientId, AbortReason)> = self
+                    .clients
+                    .iter()
+                    .filter_map(|(id, c)| {
+                        self.model_mismatch(c.capabilities.model.as_ref())
+                            .map(|r| (id.clone(), r))
+                    })
+                    .collect();
+                for (id, reason) in others {
+                    self.remove_client(now, &id);
+                    self.refuse(&id, reason);
+                }
                 self.maybe_start(now);
                 Ok(())
             }
@@ -1011,8 +1065,85 @@ impl Coordinator {
         rng
     }
 
+    /// Why a client declaring `declared` cannot join, if the federation's model is known and
+    /// differs. A client that declares nothing is admitted; its payloads are still checked
+    /// against the model's manifest.
+    fn model_mismatch(&self, declared: Option<&ModelSummary>) -> Option<AbortReason> {
+        let got = declared?;
+        let expected = ModelSummary::of(self.global.as_ref()?.manifest());
+        (expected.digest != got.digest).then_some(AbortReason::ModelMismatch {
+            expected,
+            got: *got,
+        })
+    }
+
+    /// Tells `client` it is refused and why (it is not, or no longer, enrolled).
+    fn refuse(&mut self, client: &ClientId, reason: AbortReason) {
+        self.events.push_back(Event::ClientRefused {
+            client: client.clone(),
+            reason: reason.to_string(),
+        });
+        self.transmits.push_back((
+            client.clone(),
+            Message::Abort {
+                round: None,
+                reason,
+            },
+        ));
+    }
+
+    /// The quorum a client-provided initial model needs.
+    fn model_quorum(&self) -> usize {
+        self.config
+            .model_quorum
+            .min(self.config.min_available_clients)
+            .max(1)
+    }
+
+    /// The client to ask for the initial model: one (not yet tried) of the largest group of
+    /// clients declaring the same model, if that group reaches the quorum. Otherwise `Err`
+    /// with the size of the largest group.
+    fn model_source(&self, tried: &BTreeSet<ClientId>) -> Result<ClientId, usize> {
+        let mut groups: BTreeMap<[u8; 32], Vec<&ClientId>> = BTreeMap::new();
+        for (id, c) in &self.clients {
+            if let Some(m) = &c.capabilities.model {
+                groups.entry(m.digest).or_default().push(id);
+            }
+        }
+        let quorum = self.model_quorum();
+        let largest = groups.values().map(Vec::len).max().unwrap_or(0);
+        let mut agreed: Vec<&Vec<&ClientId>> =
+            groups.values().filter(|g| g.len() >= quorum).collect();
+        // Largest group first; ties go to the group whose first id sorts first (groups are
+        // keyed by digest, so this is deterministic).
+        agreed.sort_by_key(|g| std::cmp::Reverse(g.len()));
+        agreed
+            .iter()
+            .find_map(|g| g.iter().find(|id| !tried.contains(**id)).map(|id| (*id).clone()))
+            .ok_or(largest)
+    }
+
     fn ask_for_params(&mut self, now: Instant, tried: BTreeSet<ClientId>) {
-        let next = self.clients.keys().find(|id| !tried.contains(*id)).cloned();
+        let next = match self.model_source(&tried) {
+            Ok(id) => Some(id),
+            Err(agreeing) => {
+                let undeclared = self
+                    .clients
+                    .values()
+                    .filter(|c| c.capabilities.model.is_none())
+                    .count();
+                let ev = Event::WaitingForModel {
+                    agreeing,
+                    required: self.model_quorum(),
+                    undeclared,
+                };
+                if self.waiting.as_ref() != Some(&ev) {
+                    self.waiting = Some(ev.clone());
+                    self.events.push_back(ev);
+                }
+                None
+            }
+        };
         if let Some(id) = next {
             self.transmits.push_back((id.clone(), Message::GetParams));
             self.phase = Phase::InitParams {

@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::codec::{self, Limits};
 use crate::coordinator::{Coordinator, Event};
 use crate::messages::{
-    Capabilities, ClientId, EvaluateRes, Message, Metrics, TrainConfig, TrainRes,
+    Capabilities, ClientId, EvaluateRes, Message, Metrics, ModelSummary, TrainConfig, TrainRes,
 };
 use crate::params::Params;
 use crate::participant::{Participant, ParticipantEvent};
@@ -307,13 +307,16 @@ impl Harness {
         self.filter = None;
     }
 
-    /// Adds a client and connects it (it sends its hello).
-    pub fn add_client(&mut self, id: ClientId, behaviour: Box<dyn ClientBehaviour>) {
+    /// Adds a client and connects it (it sends its hello, declaring the model of its
+    /// initial parameters).
+    pub fn add_client(&mut self, id: ClientId, mut behaviour: Box<dyn ClientBehaviour>) {
+        let model = ModelSummary::of(behaviour.initial_params().manifest());
         let participant = Participant::new(Capabilities {
             backend: "sim".into(),
             num_examples: None,
             secure_aggregation: false,
             software: "harness".into(),
+            model: Some(model),
         });
         self.add_participant(id, participant, behaviour);
     }

@@ -15,7 +15,7 @@ use crate::params::Params;
 
 /// Version of the wire protocol spoken by this build. A peer with another version is refused
 /// at the hello.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Identity of a client. On the network it is taken from the client's certificate, never from
 /// a message.
@@ -60,6 +60,51 @@ pub struct Capabilities {
     pub secure_aggregation: bool,
     /// Software version string of the client.
     pub software: String,
+    /// The model this client trains, if it says: the server refuses a client whose model
+    /// differs from the federation's at enrollment, and takes the initial model from a client
+    /// only once enough clients agree on it.
+    pub model: Option<ModelSummary>,
+}
+
+/// A model's identity as a client declares it: its manifest's digest (tensor names and
+/// shapes, SHA-256; see [`Manifest::digest`](crate::Manifest::digest)) and its sizes, for
+/// messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ModelSummary {
+    /// SHA-256 of the manifest.
+    pub digest: [u8; 32],
+    /// Number of tensors.
+    pub tensors: u32,
+    /// Number of parameters.
+    pub parameters: u64,
+}
+
+impl ModelSummary {
+    /// The summary of `manifest`.
+    pub fn of(manifest: &crate::Manifest) -> Self {
+        Self {
+            digest: manifest.digest(),
+            tensors: u32::try_from(manifest.tensors.len()).unwrap_or(u32::MAX),
+            parameters: manifest.numel(),
+        }
+    }
+
+    /// The digest's first 6 bytes in hex, enough to tell models apart in a log line.
+    pub fn short_digest(&self) -> String {
+        self.digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Display for ModelSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} tensors, {} parameters, manifest {}",
+            self.tensors,
+            self.parameters,
+            self.short_digest()
+        )
+    }
 }
 
 /// First message from a client.
@@ -230,6 +275,14 @@ pub enum AbortReason {
     /// Secure aggregation could not complete (too many dropouts, a failed check); nothing
     /// about any update was revealed.
     SecureAggregation(String),
+    /// The client's model is not the federation's: it is refused (and should not retry
+    /// until it is reconfigured).
+    ModelMismatch {
+        /// The federation's model.
+        expected: ModelSummary,
+        /// The model the client declared (or sent).
+        got: ModelSummary,
+    },
 }
 
 impl fmt::Display for AbortReason {
@@ -247,6 +300,10 @@ impl fmt::Display for AbortReason {
             AbortReason::Finished => f.write_str("federation finished"),
             AbortReason::Other(s) => f.write_str(s),
             AbortReason::SecureAggregation(s) => write!(f, "secure aggregation: {s}"),
+            AbortReason::ModelMismatch { expected, got } => write!(
+                f,
+                "wrong model: the federation trains a model of {expected}; this client's has {got}"
+            ),
         }
     }
 }

@@ -49,6 +49,9 @@ pub mod close {
     pub const REVOKED: u32 = 0x15;
     /// No Hello before the deadline.
     pub const NO_HELLO: u32 = 0x16;
+    /// The client's model is not the federation's (the Abort message names both); it should
+    /// not retry until reconfigured.
+    pub const WRONG_MODEL: u32 = 0x17;
 }
 
 /// Deadlines for moving one message: `base` plus the time the message's bytes take at

@@ -88,7 +88,7 @@ fn expected_delta(clients: &[usize]) -> f64 {
 }
 
 fn run_full(n: usize, rounds: u64) -> Harness {
-    let mut h = harness(n, config(rounds, n), Some(model(8, 0.0)));
+    let mut h = harness(n, config(rounds, n), Some(model(4, 0.0)));
     assert!(
         h.run_to_completion(Duration::from_secs(3600)),
         "did not finish"
@@ -155,6 +155,119 @@ fn initial_params_are_taken_from_a_client() {
     // Client 0 (first by id) offers 0.5 everywhere; one round adds 140/60.
     let want = 0.5f32 + 140.0 / 60.0;
     assert_eq!(h.coordinator.global().unwrap().values(), &[want; 4]);
+}
+
+/// A client whose model is not the others' (another architecture: 3 tensors of other
+/// shapes), with the alphabetically first id, as in the field report.
+fn wrong_model() -> Params {
+    Params::new(
+        Manifest::new(vec![
+            TensorSpec::new("fc1.weight", &[2, 3]),
+            TensorSpec::new("fc1.bias", &[3]),
+            TensorSpec::new("fc2.weight", &[3, 1]),
+        ]),
+        vec![9.0; 12],
+    )
+    .unwrap()
+}
+
+fn fixed(delta: f32, initial: Params) -> Box<FixedDelta> {
+    Box::new(FixedDelta {
+        delta,
+        num_examples: 10,
+        initial,
+        compute: Duration::from_millis(100),
+    })
+}
+
+fn refusals(h: &Harness) -> Vec<(ClientId, String)> {
+    h.events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            Event::ClientRefused { client, reason } => Some((client.clone(), reason.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_client_with_another_model_cannot_become_the_federations_model() {
+    // "client-00000" trains another model and sorts first; two clients agree on the right
+    // one. The model is taken from the agreeing pair, the odd one is refused with the reason
+    // (both sides), and every round completes.
+    let c = Coordinator::new(config(3, 2), fedavg(1.0, 1), None).unwrap();
+    let mut h = Harness::new(c, 7);
+    h.add_client(id(0), fixed(5.0, wrong_model()));
+    h.add_client(id(1), fixed(1.0, model(4, 0.5)));
+    // Two enrolled, but they disagree: no model is taken, nothing is burnt.
+    h.run_until(Duration::from_secs(120), |_| false);
+    assert!(h.coordinator.global().is_none());
+    assert!(h.completed_rounds().is_empty() && h.aborted_rounds().is_empty());
+    assert!(h.events.iter().any(|(_, e)| matches!(
+        e,
+        Event::WaitingForModel {
+            agreeing: 1,
+            required: 2,
+            undeclared: 0
+        }
+    )));
+    // A second client with the right model arrives: the pair agrees.
+    h.add_client(id(2), fixed(1.0, model(4, 0.5)));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    assert_eq!(h.completed_rounds().len(), 3);
+    assert!(h.aborted_rounds().is_empty());
+    let global = h.coordinator.global().unwrap();
+    assert_eq!(global.manifest(), model(4, 0.5).manifest());
+    // 0.5 + 1.0 per round, three rounds.
+    assert_eq!(global.values(), &[3.5; 4]);
+    let refused = refusals(&h);
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].0, id(0));
+    assert!(refused[0].1.contains("wrong model"), "{}", refused[0].1);
+    assert!(refused[0].1.contains("3 tensors, 12 parameters"), "{}", refused[0].1);
+    // The refused client was told, and closed its session.
+    let p = h.participant(&id(0)).unwrap();
+    assert!(p.is_closed());
+    // It never took part in a round.
+    for r in h.completed_rounds() {
+        assert_eq!(r.selected, 2);
+    }
+}
+
+#[test]
+fn a_client_with_another_model_is_refused_at_enrollment_once_there_is_a_model() {
+    let c = Coordinator::new(config(2, 2), fedavg(1.0, 1), Some(model(4, 0.0))).unwrap();
+    let mut h = Harness::new(c, 7);
+    h.add_client(id(0), fixed(5.0, wrong_model()));
+    h.add_client(id(1), fixed(1.0, model(4, 0.5)));
+    h.add_client(id(2), fixed(1.0, model(4, 0.5)));
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    assert_eq!(h.completed_rounds().len(), 2);
+    assert_eq!(h.coordinator.global().unwrap().values(), &[2.0; 4]);
+    let refused = refusals(&h);
+    assert_eq!(refused.len(), 1);
+    assert_eq!(refused[0].0, id(0));
+    assert!(h.participant(&id(0)).unwrap().is_closed());
+    // Refused at its hello: it never counted as enrolled.
+    assert!(
+        !h.events
+            .iter()
+            .any(|(_, e)| *e == Event::ClientEnrolled(id(0)))
+    );
+}
+
+#[test]
+fn one_client_cannot_set_the_model_when_two_must_agree() {
+    // min_available_clients 3, quorum 2 (default): with one client per model nothing starts.
+    let c = Coordinator::new(config(1, 3), fedavg(1.0, 1), None).unwrap();
+    let mut h = Harness::new(c, 7);
+    h.add_client(id(0), fixed(1.0, wrong_model()));
+    h.add_client(id(1), fixed(1.0, model(4, 0.5)));
+    h.add_client(id(2), fixed(1.0, model(3, 0.5)));
+    h.run_until(Duration::from_secs(300), |_| false);
+    assert!(h.coordinator.global().is_none());
+    assert!(h.completed_rounds().is_empty() && h.aborted_rounds().is_empty());
+    assert!(refusals(&h).is_empty());
 }
 
 #[test]
@@ -420,7 +533,7 @@ fn late_update_after_the_deadline_is_ignored() {
 #[test]
 fn duplicated_messages_change_nothing() {
     let clean = run_full(5, 2);
-    let mut h = harness(5, config(2, 5), Some(model(8, 0.0)));
+    let mut h = harness(5, config(2, 5), Some(model(4, 0.0)));
     h.set_filter(Box::new(|_| Action::Duplicate));
     assert!(h.run_to_completion(Duration::from_secs(600)));
     assert_eq!(h.coordinator.global(), clean.coordinator.global());

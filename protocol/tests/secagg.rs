@@ -183,6 +183,7 @@ fn participant(identity: SecAggIdentity, i: usize) -> Participant {
         num_examples: None,
         secure_aggregation: true,
         software: "test".into(),
+        model: None,
     })
     .with_secure_aggregation(identity, Randomness::InsecureDeterministic(seed_of(i)))
 }

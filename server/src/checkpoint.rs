@@ -195,6 +195,11 @@ pub fn append_history(path: &Path, record: &RoundRecord) -> Result<(), Error> {
         reason: format!("encoding a round record: {e}"),
     })?;
     line.push(b'\n');
+    // The first record may come before any checkpoint made the directory (a first round
+    // that did not complete).
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(io(dir))?;
+    }
     let mut f = fs::OpenOptions::new()
         .create(true)
         .append(true)

@@ -4,7 +4,8 @@
 //! ```toml
 //! listen = "0.0.0.0:4433"
 //! checkpoint_dir = "checkpoints"
-//! # initial_model = "model.safetensors"   # else the first client's initial parameters
+//! # initial_model = "model.safetensors"   # else taken from a client, once [rounds]
+//!                                         # model_quorum clients declare the same model
 //! max_model_bytes = 1073741824            # bound on an initial model taken from a client
 //!
 //! [tls]
@@ -26,6 +27,9 @@
 //! straggler_backoff_secs = 600            # ...this long
 //! over_selection = 0.0                    # sample this fraction more, close when enough
 //! max_examples = 100000000                # cap on a client's reported example count
+//! model_quorum = 2                        # clients that must agree on the model before it
+//!                                         # is taken from one (no initial_model; capped at
+//!                                         # min_available_clients)
 //!
 //! [limits]                                # what peers can make the server hold or wait for
 //! max_connections = 10000
@@ -142,6 +146,9 @@ pub struct RoundsConfig {
     pub over_selection: f64,
     /// Largest example count a client may report (its FedAvg weight).
     pub max_examples: u64,
+    /// Without `initial_model`: clients that must declare the same model before the initial
+    /// model is taken from one of them (capped at `min_available_clients`).
+    pub model_quorum: usize,
 }
 
 impl Default for RoundsConfig {
@@ -159,6 +166,7 @@ impl Default for RoundsConfig {
             straggler_backoff_secs: 600.0,
             over_selection: 0.0,
             max_examples: flotilla_protocol::coordinator::DEFAULT_MAX_EXAMPLES,
+            model_quorum: 2,
         }
     }
 }
@@ -520,6 +528,7 @@ impl ServerConfig {
             straggler_backoff: secs(self.rounds.straggler_backoff_secs, "straggler_backoff_secs")?,
             over_selection: self.rounds.over_selection,
             max_examples: self.rounds.max_examples,
+            model_quorum: self.rounds.model_quorum,
         };
         c.validate()?;
         self.limits.validate()?;

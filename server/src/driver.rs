@@ -42,7 +42,7 @@ use flotilla_crypto::pki::{
 use flotilla_crypto::tls;
 use flotilla_protocol::codec::Limits;
 use flotilla_protocol::coordinator::{Coordinator, Event, RoundRecord};
-use flotilla_protocol::messages::AbortReason;
+use flotilla_protocol::messages::{AbortReason, ModelSummary};
 use flotilla_protocol::quic::{
     IoDeadline, close, recv_message_observed, recv_message_timed, send_message_timed,
 };
@@ -247,11 +247,17 @@ pub fn endpoint(config: &ServerConfig) -> Result<quinn::Endpoint, Error> {
 }
 
 fn load_initial(path: &Path) -> Result<Params, Error> {
-    if path.extension().and_then(|e| e.to_str()) == Some("ckpt") {
-        Ok(checkpoint::read(path)?.0.global)
+    let params = if path.extension().and_then(|e| e.to_str()) == Some("ckpt") {
+        checkpoint::read(path)?.0.global
     } else {
-        checkpoint::import_safetensors(path)
-    }
+        checkpoint::import_safetensors(path)?
+    };
+    info!(
+        "initial model {}: {}",
+        path.display(),
+        ModelSummary::of(params.manifest())
+    );
+    Ok(params)
 }
 
 /// Builds the coordinator: resumed from the newest valid checkpoint if there is one, else
@@ -830,6 +836,25 @@ async fn run(
                     info!("{line}");
                     waiting = Some(line);
                 }
+                Event::ClientRefused { client, reason } => {
+                    warn!(client = %client, "refused: {reason}");
+                    if let Some(c) = central.clients.remove(client) {
+                        close_soon(&c.conn.conn, close::WRONG_MODEL, b"wrong model");
+                    }
+                }
+                Event::WaitingForModel {
+                    agreeing,
+                    required,
+                    undeclared,
+                } => {
+                    let line = format!(
+                        "waiting for {required} clients that declare the same model to take the \
+                         initial model from (largest group so far: {agreeing}; {undeclared} \
+                         declared none); or give the server an initial model (--initial-model)"
+                    );
+                    info!("{line}");
+                    waiting = Some(line);
+                }
                 Event::ClientDropped { client, reason } => {
                     warn!(client = %client, "dropped: {reason}");
                     // Dropping the sender lets the writer flush the Abort; the connection
@@ -842,7 +867,18 @@ async fn run(
                     waiting = None;
                     info!("round {round}: {selected} clients training")
                 }
-                Event::RoundCompleted(r) | Event::RoundAborted(r) => {
+                Event::RoundAborted(r) => {
+                    // A round that did not complete changes nothing worth a checkpoint (and
+                    // must never put a model no round produced on disk): only its record.
+                    log_round(r);
+                    let log = history_log.clone();
+                    let record = r.clone();
+                    tokio::task::spawn_blocking(move || checkpoint::append_history(&log, &record))
+                        .await
+                        .map_err(|e| Error::Config(format!("history task: {e}")))??;
+                    persisted = true;
+                }
+                Event::RoundCompleted(r) => {
                     log_round(r);
                     if let Some(snapshot) = central.coord.snapshot() {
                         let dir = central.config.checkpoint_dir.clone();
@@ -872,7 +908,16 @@ async fn run(
                     info!("round {round}: secure aggregation, {stage:?}")
                 }
                 Event::Finished => finished = true,
-                Event::ModelInitialized | Event::LateMessage { .. } => debug!("{ev:?}"),
+                Event::ModelInitialized => {
+                    let from = gate.read().ok().and_then(|g| g.asked.clone());
+                    if let (Some(g), Some(from)) = (central.coord.global(), from) {
+                        info!(
+                            "initial model taken from client {from}: {}",
+                            ModelSummary::of(g.manifest())
+                        );
+                    }
+                }
+                Event::LateMessage { .. } => debug!("{ev:?}"),
                 _ => debug!("{ev:?}"),
             }
             if let Some(o) = &observer {

@@ -181,3 +181,82 @@ async fn a_client_uploading_slowly_is_not_dropped_as_idle() {
     );
     assert!(r.failures.is_empty(), "{:?}", r.failures);
 }
+
+/// A trainer that fails its first training (e.g. it diverged), then works.
+#[derive(Clone, Debug)]
+struct FailsFirst {
+    inner: Delta,
+    failed: bool,
+}
+
+impl flotilla_client::Trainer for FailsFirst {
+    fn initial_params(&mut self) -> Result<Params, flotilla_client::Error> {
+        self.inner.initial_params()
+    }
+    fn train(
+        &mut self,
+        global: &Params,
+        c: &TrainConfig,
+    ) -> Result<flotilla_client::LocalUpdate, flotilla_client::Error> {
+        if !self.failed {
+            self.failed = true;
+            return Err(flotilla_client::Error::Model("training diverged".into()));
+        }
+        self.inner.train(global, c)
+    }
+    fn evaluate(&mut self, g: &Params) -> Result<flotilla_client::Evaluation, flotilla_client::Error> {
+        self.inner.evaluate(g)
+    }
+}
+
+/// A round that does not complete (one of the two required results is missing) writes no
+/// checkpoint: only its record, in `history.jsonl`. The rounds after it checkpoint as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_that_did_not_complete_writes_no_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki(tmp.path(), &["a", "b"]);
+    let cfg = config(&pki, tmp.path(), 1000);
+    let checkpoints = cfg.checkpoint_dir.clone();
+    let server = flotilla_server::start(cfg, None).unwrap();
+    let addr = server.local_addr;
+    let quick = Delta {
+        n: 1000,
+        pause: Duration::ZERO,
+    };
+    let (a, _sa) = good_client(&pki, "a", addr, quick.clone());
+    let (stop_b, rx_b) = watch::channel(false);
+    let b = tokio::spawn(run_client(
+        options(&pki, "b", addr),
+        FailsFirst {
+            inner: quick,
+            failed: false,
+        },
+        rx_b,
+    ));
+    let summary = tokio::time::timeout(Duration::from_secs(60), server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let _ = stop_b.send(true);
+    assert_eq!(summary.history.len(), 3);
+    assert!(summary.history[0].aborted.is_some(), "{:?}", summary.history[0]);
+    assert!(summary.history[1].aborted.is_none());
+    assert!(summary.history[2].aborted.is_none());
+    assert!(!checkpoint_path(&checkpoints, 1).exists(), "aborted round 1 was checkpointed");
+    assert!(checkpoint_path(&checkpoints, 2).exists());
+    assert!(checkpoint_path(&checkpoints, 3).exists());
+    // Its record is kept all the same.
+    let lines = history_lines(tmp.path());
+    assert_eq!(lines.iter().map(|r| r.round).collect::<Vec<_>>(), [1, 2, 3]);
+    assert!(lines[0].aborted.is_some());
+    // The model after round 3 is two rounds of +0.5, not three.
+    let (snap, _) = flotilla_server::checkpoint::read(&checkpoint_path(&checkpoints, 3)).unwrap();
+    assert_eq!(snap.round, 3);
+    assert!(snap.global.values().iter().all(|v| *v == 1.0));
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+}
+
+fn checkpoint_path(dir: &std::path::Path, round: u64) -> std::path::PathBuf {
+    flotilla_server::checkpoint::path_for(dir, round)
+}

@@ -24,7 +24,8 @@ use anyhow::Context;
 use flotilla_client::data::{Dataset, Split, bundled, load_idx_dir};
 use flotilla_client::partition::Partition;
 use flotilla_client::{
-    BackendKind, BurnTrainer, Classifier, Cnn, LocalData, Mlp2nn, Trainer, seeded, select_device,
+    BackendKind, BurnTrainer, Classifier, Cnn, LocalData, Mlp2nn, Precision, Trainer, seeded,
+    select_device,
 };
 use flotilla_crypto::pki::{CertificateAuthority, Identity};
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
@@ -209,9 +210,22 @@ pub struct Experiment {
     /// `memory` (default) or `quic`.
     #[serde(default)]
     pub transport: Transport,
-    /// Training workers (each holds one model); default: one per core.
+    /// Training workers (each holds one model); default: one per core, or, on CUDA,
+    /// `workers_per_gpu` per GPU.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// Where the workers train: `cpu` (flex, the default) or `cuda` (falls back to the CPU
+    /// with one log line where no GPU is usable). Central evaluation runs there too.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// On CUDA: training workers (models) per GPU, spread over every GPU found. Several per
+    /// GPU keep it busy when one client's small batches cannot.
+    #[serde(default)]
+    pub workers_per_gpu: Option<usize>,
+    /// Arithmetic precision of local training: `f32` (default), `bf16` or `f16` (f32
+    /// master weights; updates are f32).
+    #[serde(default)]
+    pub precision: Precision,
     /// Simulated seconds before a round's stragglers are cut.
     #[serde(default = "default_round_timeout")]
     pub round_timeout_secs: f64,
@@ -497,6 +511,23 @@ pub fn run(exp: &Experiment, out: &Path, progress: bool) -> anyhow::Result<Summa
     }
 }
 
+/// Default [`Experiment::workers_per_gpu`].
+pub const DEFAULT_WORKERS_PER_GPU: usize = 4;
+
+/// The GPUs the experiment trains on: empty for the CPU (also when CUDA was asked for but is
+/// not usable here: then one warning line says why).
+fn training_devices(exp: &Experiment) -> Vec<flotilla_client::Device> {
+    if exp.backend != BackendKind::Cuda {
+        return Vec::new();
+    }
+    let (first, used) = flotilla_client::select_device(BackendKind::Cuda);
+    if used != BackendKind::Cuda {
+        return Vec::new();
+    }
+    let all = flotilla_client::cuda_devices();
+    if all.is_empty() { vec![first] } else { all }
+}
+
 /// What both transports share: the data, the pool, the evaluation and the per-round rows.
 struct Run<'a> {
     exp: &'a Experiment,
@@ -589,19 +620,50 @@ fn run_model<M: Classifier + Send + 'static>(
     let parts = exp
         .partition
         .split(&train.labels, train.num_classes, exp.clients, exp.seed)?;
-    let (device, _) = select_device(BackendKind::Cpu);
+    // The initial model is drawn on the CPU whatever the backend, so that runs with the same
+    // seed start from the same weights on every backend.
+    let (cpu, _) = select_device(BackendKind::Cpu);
     let features = train.features();
-    let init = || seeded(&device, exp.seed, |d| make(features, d));
-    let mut evaluator = BurnTrainer::new(init(), LocalData::all(train.head(1)), None)?;
+    let init = || seeded(&cpu, exp.seed, |d| make(features, d));
+    let devices = training_devices(exp);
+    let eval_device = devices.first().cloned().unwrap_or_else(|| cpu.clone());
+    let mut evaluator = BurnTrainer::new(
+        init().to_device(&eval_device),
+        LocalData::all(train.head(1)),
+        None,
+    )?;
     let initial = evaluator.initial_params()?;
     let params = initial.len();
-    let workers = exp.workers.unwrap_or_else(default_workers).max(1);
+    let workers = match (exp.workers, devices.is_empty()) {
+        (Some(w), _) => w,
+        (None, true) => default_workers(),
+        (None, false) => devices.len() * exp.workers_per_gpu.unwrap_or(DEFAULT_WORKERS_PER_GPU),
+    }
+    .max(1);
+    if devices.is_empty() && exp.precision != Precision::F32 {
+        tracing::warn!(
+            "precision {} needs a GPU; training in f32 on the CPU",
+            exp.precision
+        );
+    }
+    let mut next = 0usize;
     let pool = TrainerPool::new(workers, || {
-        Ok(BurnTrainer::new(
-            init(),
+        // Round-robin over the GPUs (or all on the CPU).
+        let device = devices
+            .get(next % devices.len().max(1))
+            .cloned()
+            .unwrap_or_else(|| cpu.clone());
+        next += 1;
+        let t = BurnTrainer::new(
+            init().to_device(&device),
             LocalData::all(train.head(1)),
             None,
-        )?)
+        )?;
+        Ok(if devices.is_empty() {
+            t
+        } else {
+            t.with_precision(exp.precision)?
+        })
     })?;
     let test_all = LocalData::all(test);
 
@@ -874,6 +936,7 @@ impl Run<'_> {
         let mut enrolled = 0usize;
         let mut idle_client_bytes = None;
         let mut stopped_early = false;
+        let mut global = self.initial.clone();
         while let Some(ev) = rt.block_on(ev_rx.recv()) {
             match ev {
                 Event::ClientEnrolled(_) => {
@@ -889,12 +952,21 @@ impl Run<'_> {
                         };
                     }
                 }
-                Event::RoundCompleted(r) | Event::RoundAborted(r) => {
+                Event::RoundCompleted(r) => {
                     // The server commits the round's checkpoint before telling observers.
                     let path = flotilla_server::checkpoint::path_for(&checkpoints, r.round);
                     let (snapshot, _) = flotilla_server::checkpoint::read(&path)
                         .with_context(|| format!("reading {}", path.display()))?;
-                    if self.recorder.round(&r, &snapshot.global)? {
+                    global = snapshot.global;
+                    if self.recorder.round(&r, &global)? {
+                        stopped_early = true;
+                        break;
+                    }
+                }
+                Event::RoundAborted(r) => {
+                    // No checkpoint for a round that did not complete: the model is the last
+                    // completed round's.
+                    if self.recorder.round(&r, &global)? {
                         stopped_early = true;
                         break;
                     }

@@ -12,6 +12,7 @@
 pub mod byzantine;
 pub mod experiment;
 pub mod federation;
+pub mod gpucheck;
 pub mod inmemory;
 pub mod plot;
 pub mod pool;

@@ -49,6 +49,33 @@ enum Command {
         #[arg(long)]
         no_secagg: bool,
     },
+    /// What a GPU gives: CUDA devices found, CNN training samples/s (B = 10, 50, 256; f32,
+    /// bf16, f16) next to flex on this CPU, the CNN IID preset's first rounds on CUDA vs the
+    /// CPU from one seed, and the preset's time to 99 % on CUDA. Runs from a copied release
+    /// binary (see scripts/gpu-check.sh); without a GPU it prints the CPU figures only.
+    GpuCheck {
+        /// MNIST IDX directory (the preset runs are skipped without it).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// The preset experiment.
+        #[arg(long, default_value = "experiments/mcmahan-cnn-iid.toml")]
+        preset: PathBuf,
+        /// Output directory of the preset runs.
+        #[arg(long, default_value = "out/gpu-check")]
+        out: PathBuf,
+        /// Examples per timed epoch on the GPU (the CPU gets a fifth).
+        #[arg(long, default_value_t = 5000)]
+        samples: usize,
+        /// Timed runs per throughput figure.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Most rounds of the run to the target.
+        #[arg(long, default_value_t = 60)]
+        max_rounds: u64,
+        /// Throughput only (skip the preset runs).
+        #[arg(long)]
+        throughput_only: bool,
+    },
     /// Run an experiment file (see experiments/): many virtual clients, in memory or over real
     /// QUIC, the real round machines, metrics (CSV, JSON), curves (SVG, PNG) and a summary.
     Run {
@@ -66,6 +93,15 @@ enum Command {
         /// Training workers (default: one per core).
         #[arg(long)]
         workers: Option<usize>,
+        /// Override the file's backend: cpu or cuda.
+        #[arg(long)]
+        backend: Option<String>,
+        /// On CUDA, training workers per GPU.
+        #[arg(long)]
+        workers_per_gpu: Option<usize>,
+        /// Override the file's training precision: f32, bf16 or f16.
+        #[arg(long)]
+        precision: Option<String>,
         /// Output directory (default: out/<experiment name>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -101,6 +137,9 @@ fn main() -> anyhow::Result<()> {
             clients,
             rounds,
             workers,
+            backend,
+            workers_per_gpu,
+            precision,
             out,
             data,
             no_progress,
@@ -124,6 +163,15 @@ fn main() -> anyhow::Result<()> {
             }
             if workers.is_some() {
                 exp.workers = workers;
+            }
+            if let Some(b) = backend {
+                exp.backend = b.parse()?;
+            }
+            if workers_per_gpu.is_some() {
+                exp.workers_per_gpu = workers_per_gpu;
+            }
+            if let Some(p) = precision {
+                exp.precision = p.parse()?;
             }
             let out = out.unwrap_or_else(|| PathBuf::from("out").join(&exp.name));
             println!(
@@ -150,6 +198,28 @@ fn main() -> anyhow::Result<()> {
                 }
             );
             println!("outputs in {}", out.display());
+            Ok(())
+        }
+        Command::GpuCheck {
+            data,
+            preset,
+            out,
+            samples,
+            repeats,
+            max_rounds,
+            throughput_only,
+        } => {
+            let opts = flotilla_sim::gpucheck::Options {
+                preset,
+                data,
+                out,
+                samples,
+                repeats,
+                max_rounds,
+                throughput_only,
+                ..Default::default()
+            };
+            flotilla_sim::gpucheck::run(&opts)?;
             Ok(())
         }
         Command::Byzantine { rounds } => {

@@ -211,6 +211,72 @@ async fn three_clients_two_rounds_with_burn() {
     assert_eq!(Some(&snap.global), summary.global.as_ref());
 }
 
+/// The field report: a client configured with the wrong model (the CNN among 2NN clients)
+/// with the alphabetically first id, and no initial model on the server. Its parameters must
+/// not become the model: it is refused at enrollment with the reason (the client stops with
+/// an error naming both models), and the 2NN clients complete every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_the_wrong_model_is_refused_and_the_run_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, ids) = make_pki(&dir.path().join("pki"), 3).unwrap();
+    let mut config = base_config(&pki, dir.path(), 2, 2);
+    assert!(config.initial_model.is_none());
+    config.train.learning_rate = 0.1;
+    let server = flotilla_server::start(config, None).unwrap();
+    let addr = server.local_addr;
+    let train = bundled::mnist(Split::Train).unwrap().head(600);
+    let tr = iid(train.len(), 3, 1).unwrap();
+    let (_stop, stop_rx) = watch::channel(false);
+    let device = burn::tensor::Device::flex();
+    let data = |i: usize| LocalData::subset(train.clone(), tr[i].clone()).unwrap();
+    // The wrong one connects first.
+    let wrong = spawn_client(
+        &pki,
+        &ids[0],
+        addr,
+        BurnTrainer::new(flotilla_client::Cnn::new(28, 10, &device), data(0), None).unwrap(),
+        stop_rx.clone(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut good = Vec::new();
+    for (i, id) in ids.iter().enumerate().skip(1) {
+        let t = BurnTrainer::new(Mlp2nn::new(784, 10, &device), data(i), None).unwrap();
+        good.push(spawn_client(&pki, id, addr, t, stop_rx.clone()));
+    }
+    let summary = wait(server).await;
+    assert_eq!(summary.history.len(), 2);
+    for r in &summary.history {
+        assert!(r.aborted.is_none(), "{r:?}");
+        assert_eq!(r.results, 2);
+        assert!(r.failures.is_empty(), "{r:?}");
+    }
+    // The model is the 2NN's.
+    let global = summary.global.unwrap();
+    assert_eq!(global.len(), 199_210);
+    let err = tokio::time::timeout(Duration::from_secs(30), wrong)
+        .await
+        .unwrap()
+        .unwrap()
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("refused our model"), "{err}");
+    assert!(err.contains("199210 parameters"), "{err}");
+    assert!(err.contains("1663370 parameters"), "{err}");
+    for h in good {
+        let (_, stats) = h.await.unwrap().unwrap();
+        assert_eq!(stats.rounds_trained, 2);
+    }
+    // No checkpoint ever held the CNN.
+    for e in std::fs::read_dir(dir.path().join("checkpoints")).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "ckpt") {
+            let (snap, _) = flotilla_server::checkpoint::read(&p).unwrap();
+            assert_eq!(snap.global.len(), 199_210, "{}", p.display());
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_certificates_are_refused_while_others_are_served() {
     let dir = tempfile::tempdir().unwrap();
@@ -421,9 +487,9 @@ async fn misbehave(conn: &quinn::Connection, m: Message, how: Evil) {
     match how {
         Evil::Garbage => {
             let mut s = conn.open_uni().await.unwrap();
-            s.write_all(b"FL\x02\x00\xff\xff\xff\x7fgarbage")
-                .await
-                .unwrap();
+            let mut frame = b"FL\x00\x00\xff\xff\xff\x7fgarbage".to_vec();
+            frame[2] = codec::WIRE_VERSION;
+            s.write_all(&frame).await.unwrap();
             s.finish().unwrap();
         }
         Evil::Truncated => {

@@ -25,7 +25,9 @@ if [ ! -x /usr/lib/llvm-$LLVM/bin/llvm-config ] || [ ! -e /usr/lib/x86_64-linux-
 fi
 DIR=${XDG_DATA_HOME:-$HOME/.local/share}/tracel/tracel-llvm-$VER
 mkdir -p "$DIR/bin"
-cat > "$DIR/bin/llvm-config" <<WRAP
+# Written to a temporary file and moved in only if it changed: a new mtime would make cargo
+# rebuild llvm-sys and everything above it.
+cat > "$DIR/bin/llvm-config.new" <<WRAP
 #!/bin/sh
 # Stand-in for tracel-llvm-bundler's LLVM $VER: Debian's llvm-$LLVM-dev (Flotilla's
 # scripts/offline-llvm.sh).
@@ -41,6 +43,11 @@ for tok in \$(printf '%s\n' "\$out" | sed -E 's#(^| )/[^ ]*/lib([^ /]+)\\.so( |\
 done
 printf '%s\n' "\${res# }"
 WRAP
-chmod +x "$DIR/bin/llvm-config"
-touch "$DIR/.tracel-llvm-installed"
+if cmp -s "$DIR/bin/llvm-config.new" "$DIR/bin/llvm-config"; then
+  rm "$DIR/bin/llvm-config.new"
+else
+  chmod +x "$DIR/bin/llvm-config.new"
+  mv "$DIR/bin/llvm-config.new" "$DIR/bin/llvm-config"
+fi
+[ -e "$DIR/.tracel-llvm-installed" ] || touch "$DIR/.tracel-llvm-installed"
 echo "tracel-llvm $VER stand-in -> Debian llvm-$LLVM ($(/usr/lib/llvm-$LLVM/bin/llvm-config --version)) at $DIR"

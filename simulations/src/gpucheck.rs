@@ -46,6 +46,8 @@ pub struct Options {
     pub batches: Vec<u32>,
     /// Skip steps 3 and 4.
     pub throughput_only: bool,
+    /// Skip step 2.
+    pub skip_throughput: bool,
 }
 
 impl Default for Options {
@@ -60,6 +62,7 @@ impl Default for Options {
             max_rounds: 60,
             batches: vec![10, 50, 256],
             throughput_only: false,
+            skip_throughput: false,
         }
     }
 }
@@ -90,8 +93,30 @@ pub struct Report {
     pub to_target: Option<Summary>,
 }
 
-/// Samples/s of one epoch of CNN training over `n` bundled MNIST examples on `device`.
+/// [`throughput_of`], with a panic inside the backend (a kernel that fails to compile, a
+/// driver error) reported as a failed figure instead of ending the check.
 fn throughput(
+    device: &Device,
+    precision: Precision,
+    batch: u32,
+    n: usize,
+    repeats: usize,
+) -> Result<f64, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        throughput_of(device, precision, batch, n, repeats)
+    }))
+    .unwrap_or_else(|p| Err(format!("panicked: {}", panic_text(&p))))
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_string()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Samples/s of one epoch of CNN training over `n` bundled MNIST examples on `device`.
+fn throughput_of(
     device: &Device,
     precision: Precision,
     batch: u32,
@@ -176,7 +201,8 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     );
     let cpu = select_device(BackendKind::Cpu).0;
     let cpu_n = (opts.samples / 5).max(100);
-    for &b in &opts.batches {
+    let batches: &[u32] = if opts.skip_throughput { &[] } else { &opts.batches };
+    for &b in batches {
         let flex = throughput(&cpu, Precision::F32, b, cpu_n, opts.repeats);
         print_row("flex", Precision::F32, b, &flex, None);
         report.throughput.push(Throughput {
@@ -270,7 +296,10 @@ fn print_row(backend: &str, p: Precision, b: u32, r: &Result<f64, String>, flex:
 }
 
 fn timed_run(exp: &Experiment, out: &Path) -> anyhow::Result<Summary> {
-    crate::experiment::run(exp, out, false)
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::experiment::run(exp, out, false)
+    }))
+    .unwrap_or_else(|p| Err(anyhow::anyhow!("the run panicked: {}", panic_text(&p))))
 }
 
 /// Test accuracy per round from a run's `metrics.json`.

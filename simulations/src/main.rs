@@ -75,6 +75,9 @@ enum Command {
         /// Throughput only (skip the preset runs).
         #[arg(long)]
         throughput_only: bool,
+        /// Skip the throughput figures (the preset runs only).
+        #[arg(long)]
+        no_throughput: bool,
     },
     /// Run an experiment file (see experiments/): many virtual clients, in memory or over real
     /// QUIC, the real round machines, metrics (CSV, JSON), curves (SVG, PNG) and a summary.
@@ -208,6 +211,7 @@ fn main() -> anyhow::Result<()> {
             repeats,
             max_rounds,
             throughput_only,
+            no_throughput,
         } => {
             let opts = flotilla_sim::gpucheck::Options {
                 preset,
@@ -217,6 +221,7 @@ fn main() -> anyhow::Result<()> {
                 repeats,
                 max_rounds,
                 throughput_only,
+                skip_throughput: no_throughput,
                 ..Default::default()
             };
             flotilla_sim::gpucheck::run(&opts)?;

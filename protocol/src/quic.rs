@@ -16,7 +16,7 @@ use crate::params::Manifest;
 /// stream, 64 MiB per connection), keep-alive every 5 s, idle timeout 60 s, uni streams only.
 pub fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_uni_streams(64u32.into());
+    t.max_concurrent_uni_streams(8u32.into());
     t.max_concurrent_bidi_streams(0u32.into());
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());

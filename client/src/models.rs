@@ -107,7 +107,9 @@ impl Classifier for Mlp2nn {
     }
 
     fn forward_mixed(&self, input: Tensor<2>, dtype: FloatDType) -> Tensor<2> {
-        let x = self.relu.forward(linear_in(&self.fc1, input.cast(dtype), dtype));
+        let x = self
+            .relu
+            .forward(linear_in(&self.fc1, input.cast(dtype), dtype));
         let x = self.relu.forward(linear_in(&self.fc2, x, dtype));
         linear_in(&self.fc3, x, dtype).cast(FloatDType::F32)
     }
@@ -166,8 +168,12 @@ impl Classifier for Cnn {
     fn forward_mixed(&self, input: Tensor<2>, dtype: FloatDType) -> Tensor<2> {
         let [batch, _] = input.dims();
         let x = input.cast(dtype).reshape([batch, 1, self.side, self.side]);
-        let x = self.pool.forward(self.relu.forward(conv_in(&self.conv1, x, dtype)));
-        let x = self.pool.forward(self.relu.forward(conv_in(&self.conv2, x, dtype)));
+        let x = self
+            .pool
+            .forward(self.relu.forward(conv_in(&self.conv1, x, dtype)));
+        let x = self
+            .pool
+            .forward(self.relu.forward(conv_in(&self.conv2, x, dtype)));
         let x = x.flatten::<2>(1, 3);
         let x = self.relu.forward(linear_in(&self.fc1, x, dtype));
         linear_in(&self.fc2, x, dtype).cast(FloatDType::F32)

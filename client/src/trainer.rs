@@ -10,13 +10,13 @@
 
 use std::sync::Arc;
 
+use crate::models::Precision;
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{AdamConfig, GradientsParams, SgdConfig, momentum::MomentumConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use flotilla_protocol::messages::{BatchSize, Metrics, Optimizer, TrainConfig};
 use flotilla_protocol::{Manifest, Params};
-use crate::models::Precision;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;

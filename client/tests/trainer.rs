@@ -208,7 +208,11 @@ fn mixed_precision_trains_with_f32_master_weights() {
         .iter()
         .filter(|v| v.to_bits() & 0xFFFF != 0)
         .count();
-    assert!(not_bf16 > b.params.len() / 2, "{not_bf16} of {}", b.params.len());
+    assert!(
+        not_bf16 > b.params.len() / 2,
+        "{not_bf16} of {}",
+        b.params.len()
+    );
     // Evaluation still works on the f32 model.
     let e = half.evaluate(&b.params).unwrap();
     assert!(e.accuracy > 0.6, "{}", e.accuracy);

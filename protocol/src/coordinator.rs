@@ -28,8 +28,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::Error;
 use crate::dp::{ClientDp, DpConfig, DpMode, PrivacyReport};
 use crate::messages::{
-    AbortReason, Capabilities, ClientId, EvaluateIns, EvaluateRes, Message, Metrics,
-    ModelSummary, PROTOCOL_VERSION, TrainIns, TrainRes, Welcome,
+    AbortReason, Capabilities, ClientId, EvaluateIns, EvaluateRes, Message, Metrics, ModelSummary,
+    PROTOCOL_VERSION, TrainIns, TrainRes, Welcome,
 };
 use crate::params::Params;
 use crate::secagg::{Handled, SecAggConfig, SecAggStats, ServerRound};
@@ -766,10 +766,7 @@ impl Coordinator {
             Phase::InitParams { asked, .. } if asked == from => {
                 p.check_finite()?;
                 let got = ModelSummary::of(p.manifest());
-                let declared = self
-                    .clients
-                    .get(from)
-                    .and_then(|c| c.capabilities.model);
+                let declared = self.clients.get(from).and_then(|c| c.capabilities.model);
                 if declared.is_some_and(|d| d.digest != got.digest) {
                     return Err(Error::InvalidMessage(format!(
                         "initial parameters ({got}) are not the model the client declared"
@@ -1119,7 +1116,11 @@ impl Coordinator {
         agreed.sort_by_key(|g| std::cmp::Reverse(g.len()));
         agreed
             .iter()
-            .find_map(|g| g.iter().find(|id| !tried.contains(**id)).map(|id| (*id).clone()))
+            .find_map(|g| {
+                g.iter()
+                    .find(|id| !tried.contains(**id))
+                    .map(|id| (*id).clone())
+            })
             .ok_or(largest)
     }
 

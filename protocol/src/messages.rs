@@ -91,7 +91,11 @@ impl ModelSummary {
 
     /// The digest's first 6 bytes in hex, enough to tell models apart in a log line.
     pub fn short_digest(&self) -> String {
-        self.digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+        self.digest
+            .iter()
+            .take(6)
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 

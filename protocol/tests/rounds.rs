@@ -224,7 +224,11 @@ fn a_client_with_another_model_cannot_become_the_federations_model() {
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0].0, id(0));
     assert!(refused[0].1.contains("wrong model"), "{}", refused[0].1);
-    assert!(refused[0].1.contains("3 tensors, 12 parameters"), "{}", refused[0].1);
+    assert!(
+        refused[0].1.contains("3 tensors, 12 parameters"),
+        "{}",
+        refused[0].1
+    );
     // The refused client was told, and closed its session.
     let p = h.participant(&id(0)).unwrap();
     assert!(p.is_closed());

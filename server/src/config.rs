@@ -21,7 +21,9 @@
 //! round_timeout_secs = 600
 //! evaluate_every = 1
 //! seed = 0
-//! idle_timeout_secs = 120
+//! idle_timeout_secs = 120               # no sign of life this long: the client is dropped
+//! heartbeat_secs = 10                     # clients send a heartbeat this often (at most
+//!                                         # half the idle timeout)
 //! history_window = 100                    # round records in memory and checkpoints
 //! max_missed_deadlines = 2                # then a straggler sits out...
 //! straggler_backoff_secs = 600            # ...this long
@@ -132,8 +134,12 @@ pub struct RoundsConfig {
     pub evaluate_every: u64,
     /// Seed for client sampling.
     pub seed: u64,
-    /// Seconds without any message after which a client is dropped.
+    /// Seconds without any sign of life (a message, bytes of one, a heartbeat) after which
+    /// a client is dropped. At least twice `heartbeat_secs`.
     pub idle_timeout_secs: f64,
+    /// Seconds between the heartbeats clients are told to send while they have nothing
+    /// else to send.
+    pub heartbeat_secs: f64,
     /// Round records kept in memory and in checkpoints (every record is also appended to
     /// `history.jsonl` in the checkpoint directory).
     pub history_window: usize,
@@ -161,6 +167,7 @@ impl Default for RoundsConfig {
             evaluate_every: 1,
             seed: 0,
             idle_timeout_secs: 120.0,
+            heartbeat_secs: 10.0,
             history_window: flotilla_protocol::coordinator::DEFAULT_HISTORY_WINDOW,
             max_missed_deadlines: 2,
             straggler_backoff_secs: 600.0,
@@ -511,14 +518,31 @@ impl ServerConfig {
                 )))
             }
         };
+        let idle = secs(self.rounds.idle_timeout_secs, "idle_timeout_secs")?;
+        let heartbeat = secs(self.rounds.heartbeat_secs, "heartbeat_secs")?;
+        if heartbeat < Duration::from_millis(100) {
+            return Err(Error::Config(format!(
+                "rounds.heartbeat_secs ({}) must be at least 0.1: clients send at most ten \
+                 heartbeats a second",
+                self.rounds.heartbeat_secs
+            )));
+        }
+        if idle < 2 * heartbeat {
+            return Err(Error::Config(format!(
+                "rounds.idle_timeout_secs ({}) must be at least twice rounds.heartbeat_secs \
+                 ({}): a client waiting for its next task sends nothing but heartbeats, so it \
+                 would be dropped as idle (or after a single lost heartbeat)",
+                self.rounds.idle_timeout_secs, self.rounds.heartbeat_secs
+            )));
+        }
         let c = CoordinatorConfig {
             num_rounds: self.rounds.num_rounds,
             min_available_clients: self.rounds.min_available_clients,
             min_train_results: self.rounds.min_train_results,
             round_timeout: secs(self.rounds.round_timeout_secs, "round_timeout_secs")?,
             init_timeout: secs(self.rounds.round_timeout_secs, "round_timeout_secs")?,
-            heartbeat_interval: Duration::from_secs(10),
-            idle_timeout: Some(secs(self.rounds.idle_timeout_secs, "idle_timeout_secs")?),
+            heartbeat_interval: heartbeat,
+            idle_timeout: Some(idle),
             evaluate_every: self.rounds.evaluate_every,
             seed: self.rounds.seed,
             secure_aggregation: self.secure_aggregation.clone(),
@@ -681,6 +705,34 @@ mod tests {
         assert!(toml::from_str::<ServerConfig>("[secure_aggregation]\nk = 4").is_err());
         let bad: ServerConfig = toml::from_str("[secure_aggregation]\nbits = 40").unwrap();
         assert!(bad.coordinator().is_err());
+    }
+
+    /// A waiting client sends only heartbeats: an idle timeout shorter than two heartbeat
+    /// intervals would drop healthy clients, so it is refused at start, naming both values.
+    #[test]
+    fn an_idle_timeout_shorter_than_two_heartbeats_is_refused() {
+        let bad: ServerConfig =
+            toml::from_str("[rounds]\nidle_timeout_secs = 15\nheartbeat_secs = 10").unwrap();
+        let Err(Error::Config(why)) = bad.coordinator() else {
+            panic!("accepted idle 15 s with heartbeats every 10 s");
+        };
+        assert!(why.contains("idle_timeout_secs (15)") && why.contains("heartbeat_secs (10)"));
+        let ok: ServerConfig =
+            toml::from_str("[rounds]\nidle_timeout_secs = 20\nheartbeat_secs = 10").unwrap();
+        let c = ok.coordinator().unwrap();
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(20)));
+        let ok: ServerConfig =
+            toml::from_str("[rounds]\nidle_timeout_secs = 1\nheartbeat_secs = 0.25").unwrap();
+        assert_eq!(
+            ok.coordinator().unwrap().heartbeat_interval,
+            Duration::from_millis(250)
+        );
+        for h in ["0", "0.05", "-1"] {
+            let bad: ServerConfig =
+                toml::from_str(&format!("[rounds]\nheartbeat_secs = {h}")).unwrap();
+            assert!(bad.coordinator().is_err(), "{h}");
+        }
     }
 
     #[test]

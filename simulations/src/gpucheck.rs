@@ -15,12 +15,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use flotilla_client::Module;
 use flotilla_client::data::{Split, bundled};
 use flotilla_client::{
     BackendKind, BurnTrainer, Cnn, Device, LocalData, Precision, Trainer, cuda_devices, seeded,
     select_device,
 };
-use flotilla_client::Module;
 use flotilla_protocol::messages::{BatchSize, Optimizer, TrainConfig};
 
 use crate::experiment::{Experiment, Summary};
@@ -124,14 +124,14 @@ fn throughput_of(
     repeats: usize,
 ) -> Result<f64, String> {
     let data = bundled::mnist(Split::Train).map_err(|e| e.to_string())?;
-    let model = seeded(&select_device(BackendKind::Cpu).0, 1, |d| Cnn::new(28, 10, d));
-    let trainer = BurnTrainer::new(
-        model.to_device(device),
-        LocalData::all(data.head(n)),
-        None,
-    )
-    .map_err(|e| e.to_string())?;
-    let mut trainer = trainer.with_precision(precision).map_err(|e| e.to_string())?;
+    let model = seeded(&select_device(BackendKind::Cpu).0, 1, |d| {
+        Cnn::new(28, 10, d)
+    });
+    let trainer = BurnTrainer::new(model.to_device(device), LocalData::all(data.head(n)), None)
+        .map_err(|e| e.to_string())?;
+    let mut trainer = trainer
+        .with_precision(precision)
+        .map_err(|e| e.to_string())?;
     let global = trainer.initial_params().map_err(|e| e.to_string())?;
     let config = TrainConfig {
         epochs: 1,
@@ -196,12 +196,14 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         "CNN training throughput (samples/s, median of {}; one epoch of BurnTrainer, SGD)",
         opts.repeats
     );
-    println!(
-        "| backend | precision | B | samples/s | × flex |\n|---|---|---:|---:|---:|"
-    );
+    println!("| backend | precision | B | samples/s | × flex |\n|---|---|---:|---:|---:|");
     let cpu = select_device(BackendKind::Cpu).0;
     let cpu_n = (opts.samples / 5).max(100);
-    let batches: &[u32] = if opts.skip_throughput { &[] } else { &opts.batches };
+    let batches: &[u32] = if opts.skip_throughput {
+        &[]
+    } else {
+        &opts.batches
+    };
     for &b in batches {
         let flex = throughput(&cpu, Precision::F32, b, cpu_n, opts.repeats);
         print_row("flex", Precision::F32, b, &flex, None);
@@ -252,7 +254,10 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
     let on_gpu = timed_run(&short, &opts.out.join("compare-cuda"))?;
     short.backend = BackendKind::Cpu;
     let on_cpu = timed_run(&short, &opts.out.join("compare-cpu"))?;
-    let (a, b) = (accuracies(&opts.out.join("compare-cuda"))?, accuracies(&opts.out.join("compare-cpu"))?);
+    let (a, b) = (
+        accuracies(&opts.out.join("compare-cuda"))?,
+        accuracies(&opts.out.join("compare-cpu"))?,
+    );
     println!("| round | CUDA | CPU (flex) | difference |\n|---:|---:|---:|---:|");
     for (r, (x, y)) in a.iter().zip(&b).enumerate() {
         println!("| {r} | {x:.4} | {y:.4} | {:+.4} |", x - y);

@@ -47,7 +47,11 @@ impl Trainer for Add {
             vec![0.0; params()],
         )?)
     }
-    fn train(&mut self, global: &Params, _c: &TrainConfig) -> Result<LocalUpdate, flotilla_client::Error> {
+    fn train(
+        &mut self,
+        global: &Params,
+        _c: &TrainConfig,
+    ) -> Result<LocalUpdate, flotilla_client::Error> {
         let v: Vec<f32> = global.values().iter().map(|x| x + 1e-3).collect();
         let mut metrics = Metrics::new();
         metrics.insert("train_loss".into(), 1.0);
@@ -102,7 +106,9 @@ fn memory_and_checkpoints_stay_flat_over_2000_rounds() {
     config.strategy.fraction_train = 1.0;
     config.rounds.evaluate_every = env("FLOTILLA_LONGRUN_EVALUATE_EVERY", 1);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
-    let server = rt.block_on(async { flotilla_server::start(config, Some(ev_tx)) }).unwrap();
+    let server = rt
+        .block_on(async { flotilla_server::start(config, Some(ev_tx)) })
+        .unwrap();
     let addr = server.local_addr;
     let (_stop, stop_rx) = watch::channel(false);
     let mut handles = Vec::new();
@@ -153,7 +159,10 @@ fn memory_and_checkpoints_stay_flat_over_2000_rounds() {
         .unwrap();
     // Every round really trained: the model moved by 1e-3 a round (f32 sums: approximately).
     let v = f64::from(summary.global.unwrap().values()[0]);
-    assert!((v - rounds as f64 * 1e-3).abs() < 1e-2 * rounds as f64 * 1e-3 + 1e-3, "{v}");
+    assert!(
+        (v - rounds as f64 * 1e-3).abs() < 1e-2 * rounds as f64 * 1e-3 + 1e-3,
+        "{v}"
+    );
     let (rss_warm, ckpt_warm) = at_warm.unwrap();
     let &(_, rss_end, ckpt_end) = samples.last().unwrap();
     let growth = rss_end as f64 / rss_warm as f64;
@@ -162,8 +171,14 @@ fn memory_and_checkpoints_stay_flat_over_2000_rounds() {
         "resident memory after round {rounds} / after round {warm}: {growth:.3}; \
          checkpoint size: {ckpt_growth:.3}"
     );
-    assert!(growth <= 1.10, "resident memory grew {growth:.3}x: {samples:?}");
-    assert!((0.9..=1.1).contains(&ckpt_growth), "checkpoint grew {ckpt_growth:.3}x");
+    assert!(
+        growth <= 1.10,
+        "resident memory grew {growth:.3}x: {samples:?}"
+    );
+    assert!(
+        (0.9..=1.1).contains(&ckpt_growth),
+        "checkpoint grew {ckpt_growth:.3}x"
+    );
     for h in handles {
         let _ = rt.block_on(h);
     }

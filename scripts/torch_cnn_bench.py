@@ -4,7 +4,7 @@ MNIST CNN (5x5 conv 32, 2x2 max-pool, 5x5 conv 64, 2x2 max-pool, fc 512, fc 10; 
 padding; 1,663,370 parameters), plain SGD, one epoch over N random MNIST-shaped examples,
 samples/s as the median of REPEATS timed epochs after a warm-up epoch, at B = 10, 50, 256.
 
-    python3 scripts/torch_cnn_bench.py [cpu|cuda] [N] [REPEATS]
+    python3 scripts/torch_cnn_bench.py [cpu|cuda] [N] [REPEATS] [BATCHES, e.g. 10,50,256]
 
 On CUDA it also measures bf16 autocast (PyTorch's mixed precision: f32 weights, bf16 compute).
 """
@@ -40,12 +40,13 @@ def main():
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
     repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    batches = [int(b) for b in sys.argv[4].split(",")] if len(sys.argv) > 4 else [10, 50, 256]
     torch.manual_seed(1)
     x = torch.rand(n, 1, 28, 28)
     y = torch.randint(0, 10, (n,))
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
     print("| framework | device | precision | B | samples/s |\n|---|---|---|---:|---:|")
-    for batch in (10, 50, 256):
+    for batch in batches:
         for amp in ([False, True] if device == "cuda" else [False]):
             model = cnn().to(device)
             opt = torch.optim.SGD(model.parameters(), lr=0.01)

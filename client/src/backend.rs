@@ -1,9 +1,12 @@
 //! Choosing the compute device at run time.
 //!
 //! Burn 0.22 has no backend type parameter: a `Device` value selects the backend. Flotilla
-//! builds CPU training on burn's pure-Rust `flex` backend by default; `burn-ndarray` is
-//! available behind the `ndarray` feature and CUDA behind the `cuda` feature. A client asked
-//! for a backend it cannot use says so in one log line and trains on `flex` instead.
+//! builds CPU training on burn's pure-Rust `flex` backend by default. The other CPU backends
+//! burn 0.22.1 offers are features, for comparison (`cargo bench -p flotilla-client --bench
+//! cpu_backends`): `burn-ndarray` (`ndarray`), LibTorch through `burn-tch` (`tch`, needs a
+//! PyTorch 2.9.0 at build and run time) and CubeCL's CPU backend (`cubecl-cpu`, built
+//! against LLVM/MLIR like CUDA). CUDA is the `cuda` feature. A client asked for a backend it
+//! cannot use says so in one log line and trains on `flex` instead.
 
 use burn::tensor::Device;
 
@@ -18,6 +21,44 @@ pub enum BackendKind {
     Ndarray,
     /// NVIDIA GPU through `burn-cuda` (feature `cuda`).
     Cuda,
+    /// LibTorch on the CPU through `burn-tch` (feature `tch`).
+    Libtorch,
+    /// CubeCL's CPU backend, kernels compiled through MLIR/LLVM (feature `cubecl-cpu`).
+    #[serde(rename = "cubecl-cpu")]
+    CubeclCpu,
+}
+
+impl BackendKind {
+    /// Every backend, in the order tables list them.
+    pub const ALL: [BackendKind; 5] = [
+        BackendKind::Cpu,
+        BackendKind::Ndarray,
+        BackendKind::Libtorch,
+        BackendKind::CubeclCpu,
+        BackendKind::Cuda,
+    ];
+
+    /// Whether this build can run it (its feature is on; a GPU may still be missing).
+    pub fn compiled(self) -> bool {
+        match self {
+            BackendKind::Cpu => true,
+            BackendKind::Ndarray => cfg!(feature = "ndarray"),
+            BackendKind::Cuda => cfg!(feature = "cuda"),
+            BackendKind::Libtorch => cfg!(feature = "tch"),
+            BackendKind::CubeclCpu => cfg!(feature = "cubecl-cpu"),
+        }
+    }
+
+    /// The cargo feature that builds it (`None` for the default `flex`).
+    pub fn feature(self) -> Option<&'static str> {
+        match self {
+            BackendKind::Cpu => None,
+            BackendKind::Ndarray => Some("ndarray"),
+            BackendKind::Cuda => Some("cuda"),
+            BackendKind::Libtorch => Some("tch"),
+            BackendKind::CubeclCpu => Some("cubecl-cpu"),
+        }
+    }
 }
 
 impl std::fmt::Display for BackendKind {
@@ -26,6 +67,8 @@ impl std::fmt::Display for BackendKind {
             BackendKind::Cpu => "cpu",
             BackendKind::Ndarray => "ndarray",
             BackendKind::Cuda => "cuda",
+            BackendKind::Libtorch => "libtorch",
+            BackendKind::CubeclCpu => "cubecl-cpu",
         })
     }
 }
@@ -37,8 +80,10 @@ impl std::str::FromStr for BackendKind {
             "cpu" | "flex" => Ok(BackendKind::Cpu),
             "ndarray" => Ok(BackendKind::Ndarray),
             "cuda" | "gpu" => Ok(BackendKind::Cuda),
+            "libtorch" | "tch" => Ok(BackendKind::Libtorch),
+            "cubecl-cpu" => Ok(BackendKind::CubeclCpu),
             other => Err(crate::Error::Config(format!(
-                "unknown backend {other:?} (expected cpu, ndarray or cuda)"
+                "unknown backend {other:?} (expected cpu, ndarray, libtorch, cubecl-cpu or cuda)"
             ))),
         }
     }
@@ -55,6 +100,8 @@ pub fn select_device_at(wanted: BackendKind, index: usize) -> (Device, BackendKi
     match wanted {
         BackendKind::Cpu => (Device::flex(), BackendKind::Cpu),
         BackendKind::Ndarray => ndarray_device(),
+        BackendKind::Libtorch => libtorch_device(),
+        BackendKind::CubeclCpu => cubecl_cpu_device(),
         BackendKind::Cuda => match cuda_device(index) {
             Ok(d) => (d, BackendKind::Cuda),
             Err(why) => {
@@ -75,8 +122,35 @@ fn ndarray_device() -> (Device, BackendKind) {
 
 #[cfg(not(feature = "ndarray"))]
 fn ndarray_device() -> (Device, BackendKind) {
+    missing_feature(BackendKind::Ndarray)
+}
+
+#[cfg(feature = "tch")]
+fn libtorch_device() -> (Device, BackendKind) {
+    #[allow(deprecated)] // burn 0.22 deprecates burn-tch; kept as a feature for comparison
+    (Device::libtorch(), BackendKind::Libtorch)
+}
+
+#[cfg(not(feature = "tch"))]
+fn libtorch_device() -> (Device, BackendKind) {
+    missing_feature(BackendKind::Libtorch)
+}
+
+#[cfg(feature = "cubecl-cpu")]
+fn cubecl_cpu_device() -> (Device, BackendKind) {
+    (Device::cpu(), BackendKind::CubeclCpu)
+}
+
+#[cfg(not(feature = "cubecl-cpu"))]
+fn cubecl_cpu_device() -> (Device, BackendKind) {
+    missing_feature(BackendKind::CubeclCpu)
+}
+
+#[allow(dead_code)] // unused when every optional CPU backend is compiled in
+fn missing_feature(wanted: BackendKind) -> (Device, BackendKind) {
     tracing::warn!(
-        "backend ndarray requested but this build lacks the `ndarray` feature; training on the CPU (flex) instead"
+        "backend {wanted} requested but this build lacks the `{}` feature; training on the CPU (flex) instead",
+        wanted.feature().unwrap_or_default()
     );
     (Device::flex(), BackendKind::Cpu)
 }
@@ -138,6 +212,22 @@ mod tests {
             BackendKind::Ndarray
         );
         assert!("tpu".parse::<BackendKind>().is_err());
+        for b in BackendKind::ALL {
+            assert_eq!(b.to_string().parse::<BackendKind>().unwrap(), b);
+            #[derive(serde::Deserialize)]
+            struct InConfig {
+                backend: BackendKind,
+            }
+            let c: InConfig = toml::from_str(&format!("backend = \"{b}\"")).unwrap();
+            assert_eq!(c.backend, b);
+            // A backend this build lacks falls back to flex, which works.
+            if !b.compiled() {
+                let (device, used) = select_device(b);
+                assert_eq!(used, BackendKind::Cpu);
+                let t = burn::tensor::Tensor::<1>::from_floats([1.0, 2.0], &device);
+                assert_eq!(t.sum().into_scalar::<f32>(), 3.0);
+            }
+        }
         // No GPU on the test machines: asking for CUDA must yield a usable CPU device.
         let (device, used) = select_device(BackendKind::Cuda);
         if used == BackendKind::Cpu {

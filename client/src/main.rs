@@ -61,7 +61,8 @@ struct Args {
     /// Model: cnn or 2nn.
     #[arg(long, default_value = "cnn")]
     model: String,
-    /// Compute backend: cpu (burn flex), ndarray or cuda.
+    /// Compute backend: cpu (burn flex), cuda, or (builds with their feature) ndarray,
+    /// libtorch, cubecl-cpu.
     #[arg(long, default_value = "cpu")]
     backend: String,
     /// Which GPU, with --backend cuda (0 = the first).

@@ -239,6 +239,17 @@ pub enum Event {
     RoundCompleted(RoundRecord),
     /// A round was aborted; the model is unchanged.
     RoundAborted(RoundRecord),
+    /// The global model after `round`. The [`Coordinator`] does not emit this (its events
+    /// are kept by harnesses, and models are large); a driver sends it to an in-process
+    /// observer right after [`Event::RoundCompleted`], once the round is durable, so that
+    /// the observer never has to read the model back from checkpoint files (which retention
+    /// may already have deleted). `Params` share their memory: this is not a copy.
+    GlobalModel {
+        /// The round that produced it.
+        round: u64,
+        /// The model.
+        params: Params,
+    },
     /// A secure round moved to another stage (progress; also when masked inputs start to
     /// be collected).
     SecureStage {

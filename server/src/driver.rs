@@ -329,7 +329,9 @@ pub fn coordinator(config: &ServerConfig) -> Result<Coordinator, Error> {
 }
 
 /// Starts the server: binds, resumes from checkpoints, and runs the federation in a task.
-/// Coordinator events are also sent to `observer`, if given.
+/// Coordinator events are also sent to `observer`, if given, each after the driver acted on
+/// it (a completed round's checkpoint is on disk first), followed for each completed round by
+/// [`Event::GlobalModel`].
 pub fn start(
     config: ServerConfig,
     observer: Option<mpsc::UnboundedSender<Event>>,
@@ -921,7 +923,17 @@ async fn run(
                 _ => debug!("{ev:?}"),
             }
             if let Some(o) = &observer {
+                let completed = match &ev {
+                    Event::RoundCompleted(r) => Some(r.round),
+                    _ => None,
+                };
                 let _ = o.send(ev);
+                if let (Some(round), Some(params)) = (completed, central.coord.global()) {
+                    let _ = o.send(Event::GlobalModel {
+                        round,
+                        params: params.clone(),
+                    });
+                }
             }
         }
         if let Ok(mut g) = gate.write() {

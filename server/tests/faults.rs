@@ -368,3 +368,71 @@ async fn a_server_busy_aggregating_drops_no_client() {
         assert!(r.failures.is_empty(), "{r:?}");
     }
 }
+
+/// An in-process observer (the simulator's QUIC transport) gets every completed round's
+/// model from the server itself, right after the round's record: it never reads checkpoint
+/// files, which retention deletes (the simulator once failed looking for
+/// `round-000001.ckpt`). Here the observer drains only after 6 rounds, when rounds 1–3's
+/// checkpoints are gone, and still holds each round's model (FedAvg of global + 0.5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_observer_gets_every_rounds_model_without_reading_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = pki(tmp.path(), &["a", "b"]);
+    let n = 1_000;
+    let mut cfg = config(&pki, tmp.path(), n);
+    cfg.rounds.num_rounds = 6;
+    cfg.rounds.evaluate_every = 0;
+    let checkpoints = cfg.checkpoint_dir.clone();
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let server = flotilla_server::start(cfg, Some(ev_tx)).unwrap();
+    let addr = server.local_addr;
+    let clients: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|id| {
+            good_client(
+                &pki,
+                id,
+                addr,
+                Delta {
+                    n,
+                    pause: Duration::ZERO,
+                },
+            )
+        })
+        .collect();
+    let summary = tokio::time::timeout(Duration::from_secs(120), server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    for (task, stop) in clients {
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+    assert_eq!(summary.history.len(), 6);
+    assert!(
+        !checkpoint_path(&checkpoints, 1).exists(),
+        "retention kept round 1"
+    );
+    let mut last_record = None;
+    let mut models = Vec::new();
+    while let Ok(ev) = ev_rx.try_recv() {
+        match ev {
+            Event::RoundCompleted(r) => last_record = Some(r.round),
+            Event::GlobalModel { round, params } => {
+                assert_eq!(last_record.take(), Some(round), "model without its record");
+                models.push((round, params));
+            }
+            _ => {}
+        }
+    }
+    let rounds: Vec<u64> = models.iter().map(|(r, _)| *r).collect();
+    assert_eq!(rounds, vec![1, 2, 3, 4, 5, 6]);
+    for (round, params) in &models {
+        let want = 0.5 * *round as f32;
+        assert!(
+            params.values().iter().all(|v| (v - want).abs() < 1e-5),
+            "round {round}: {:?}",
+            &params.values()[..3]
+        );
+    }
+}

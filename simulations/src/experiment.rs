@@ -42,6 +42,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::evaluation::ShardedEvaluator;
 use crate::federation::{client_options, make_pki, server_config};
 use crate::pool::{PooledTrainer, TrainerPool, default_workers};
 
@@ -215,7 +216,7 @@ pub struct Experiment {
     #[serde(default)]
     pub workers: Option<usize>,
     /// Where the workers train: `cpu` (flex, the default) or `cuda` (falls back to the CPU
-    /// with one log line where no GPU is usable). Central evaluation runs there too.
+    /// with one log line where no GPU is usable). Central evaluation is sharded over the GPUs.
     #[serde(default)]
     pub backend: BackendKind,
     /// On CUDA: training workers (models) per GPU, spread over every GPU found. Several per
@@ -626,13 +627,25 @@ fn run_model<M: Classifier + Send + 'static>(
     let features = train.features();
     let init = || seeded(&cpu, exp.seed, |d| make(features, d));
     let devices = training_devices(exp);
-    let eval_device = devices.first().cloned().unwrap_or_else(|| cpu.clone());
-    let mut evaluator = BurnTrainer::new(
-        init().to_device(&eval_device),
-        LocalData::all(train.head(1)),
-        None,
-    )?;
-    let initial = evaluator.initial_params()?;
+    // Central evaluation: one evaluator per GPU, each testing its share of the test set at
+    // the same time (one on the CPU).
+    let eval_devices = if devices.is_empty() {
+        vec![cpu.clone()]
+    } else {
+        devices.clone()
+    };
+    let mut evaluators = Vec::with_capacity(eval_devices.len());
+    for d in &eval_devices {
+        evaluators.push(BurnTrainer::new(
+            init().to_device(d),
+            LocalData::all(train.head(1)),
+            None,
+        )?);
+    }
+    let initial = evaluators
+        .first_mut()
+        .context("no evaluation device")?
+        .initial_params()?;
     let params = initial.len();
     let workers = match (exp.workers, devices.is_empty()) {
         (Some(w), _) => w,
@@ -666,6 +679,13 @@ fn run_model<M: Classifier + Send + 'static>(
         })
     })?;
     let test_all = LocalData::all(test);
+    let mut evaluator = ShardedEvaluator::new(evaluators, &test_all)?;
+    if evaluator.shards() > 1 {
+        tracing::info!(
+            "central evaluation sharded over {} GPUs",
+            evaluator.shards()
+        );
+    }
 
     let server = server_settings(exp);
 
@@ -679,9 +699,9 @@ fn run_model<M: Classifier + Send + 'static>(
         );
         b
     });
-    let e0 = evaluator.evaluate_on(&initial, &test_all)?;
+    let e0 = evaluator.evaluate(&initial)?;
     let recorder = Recorder {
-        evaluate: Box::new(move |p| Ok(evaluator.evaluate_on(p, &test_all)?)),
+        evaluate: Box::new(move |p| evaluator.evaluate(p)),
         rows: vec![RoundMetrics {
             round: 0,
             accuracy: e0.accuracy,
@@ -937,6 +957,7 @@ impl Run<'_> {
         let mut idle_client_bytes = None;
         let mut stopped_early = false;
         let mut global = self.initial.clone();
+        let mut completed = None;
         while let Some(ev) = rt.block_on(ev_rx.recv()) {
             match ev {
                 Event::ClientEnrolled(_) => {
@@ -952,12 +973,13 @@ impl Run<'_> {
                         };
                     }
                 }
-                Event::RoundCompleted(r) => {
-                    // The server commits the round's checkpoint before telling observers.
-                    let path = flotilla_server::checkpoint::path_for(&checkpoints, r.round);
-                    let (snapshot, _) = flotilla_server::checkpoint::read(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    global = snapshot.global;
+                Event::RoundCompleted(r) => completed = Some(r),
+                Event::GlobalModel { round, params } => {
+                    // Sent right after the round's record, once its checkpoint is on disk.
+                    let Some(r) = completed.take().filter(|r| r.round == round) else {
+                        anyhow::bail!("the server sent round {round}'s model without its record");
+                    };
+                    global = params;
                     if self.recorder.round(&r, &global)? {
                         stopped_early = true;
                         break;

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod byzantine;
+pub mod evaluation;
 pub mod experiment;
 pub mod federation;
 pub mod gpucheck;

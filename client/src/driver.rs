@@ -13,6 +13,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use flotilla_crypto::pki::Identity;
@@ -31,13 +32,14 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::Error;
+use crate::address::ServerAddr;
 use crate::trainer::Trainer;
 
 /// How to reach the server and who we are.
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
-    /// Server UDP address.
-    pub server: SocketAddr,
+    /// Server address: `host:port` (a DNS name, resolved at each attempt, or an IP address).
+    pub server: ServerAddr,
     /// Name in the server's certificate.
     pub server_name: String,
     /// Our certificate and key.
@@ -50,6 +52,9 @@ pub struct ClientOptions {
     pub backoff_max: Duration,
     /// Give up after this many failed connection attempts in a row (`None`: never).
     pub max_attempts: Option<u32>,
+    /// How long one connection attempt (name resolution, then the QUIC + TLS handshake)
+    /// may take before it counts as failed and is retried after the back-off.
+    pub connect_timeout: Duration,
     /// How long to wait for the server's welcome.
     pub enroll_timeout: Duration,
     /// Largest model accepted.
@@ -65,21 +70,23 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
-    /// Options with sane defaults (backoff 0.5 s doubling to 30 s, retry forever).
+    /// Options with sane defaults (connect timeout 5 s; backoff 0.5 s doubling to 30 s,
+    /// retry forever).
     pub fn new(
-        server: SocketAddr,
+        server: impl Into<ServerAddr>,
         server_name: impl Into<String>,
         identity: Identity,
         ca: Vec<CertificateDer<'static>>,
     ) -> Self {
         Self {
-            server,
+            server: server.into(),
             server_name: server_name.into(),
             identity,
             ca,
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             max_attempts: None,
+            connect_timeout: Duration::from_secs(5),
             enroll_timeout: Duration::from_secs(15),
             max_model_bytes: flotilla_protocol::codec::DEFAULT_MAX_PAYLOAD_BYTES,
             io_deadline: IoDeadline::default(),
@@ -125,14 +132,34 @@ enum SessionError {
     Fatal(Error),
 }
 
-/// True if a connection error is the peer's TLS alert (a refused certificate).
-fn is_tls_rejection(e: &quinn::ConnectionError) -> bool {
-    let code = match e {
-        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
-        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
-        _ => return false,
-    };
+/// QUIC carries TLS alerts as the transport error codes 0x100-0x1ff (RFC 9001 §4.8).
+fn is_tls_alert(code: u64) -> bool {
     (0x100..0x200).contains(&code)
+}
+
+/// What a failed TLS handshake means: which side refused whose certificate. `None` if `e`
+/// is not a TLS refusal.
+fn tls_refusal(e: &quinn::ConnectionError, options: &ClientOptions) -> Option<Error> {
+    match e {
+        // An alert *we* raised: our verifier refused the server's certificate (unknown CA,
+        // wrong name, expired...).
+        quinn::ConnectionError::TransportError(t) if is_tls_alert(u64::from(t.code)) => {
+            Some(Error::UntrustedServer(format!(
+                "{} ({}, name {:?}): check that the CA certificate given (--ca or the PKI \
+                 directory's ca.crt) is the federation's, and that --server-name is a name the \
+                 server's certificate was issued for (`flotilla-server certs issue-server --name`)",
+                t.reason, options.server, options.server_name
+            )))
+        }
+        // An alert the *server* sent: it refused our certificate.
+        quinn::ConnectionError::ConnectionClosed(c) if is_tls_alert(u64::from(c.error_code)) => {
+            Some(Error::Refused(format!(
+                "the server refused our certificate ({e}): is it issued by the federation's CA, \
+                 for this client, and not revoked?"
+            )))
+        }
+        _ => None,
+    }
 }
 
 /// The application close code the server gave, if it closed the connection on purpose.
@@ -252,18 +279,11 @@ pub async fn run<T: Trainer + 'static>(
         .map_err(|e| Error::Config(format!("TLS config unusable for QUIC: {e}")))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(quic));
     cc.transport_config(Arc::new(flotilla_protocol::quic::transport_config()));
-    let bind: SocketAddr = if options.server.is_ipv6() {
-        "[::]:0"
-            .parse()
-            .map_err(|_| Error::Config("bind address".into()))?
-    } else {
-        SocketAddr::from(([0, 0, 0, 0], 0))
+    let mut endpoints = Endpoints {
+        config: cc,
+        v4: None,
+        v6: None,
     };
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|source| Error::Io {
-        path: "udp socket".into(),
-        source,
-    })?;
-    endpoint.set_default_client_config(cc);
 
     // Declare our model in the hello, so that a server training another one refuses us at
     // once, with the reason, instead of after a download.
@@ -274,13 +294,28 @@ pub async fn run<T: Trainer + 'static>(
         options.capabilities.model = Some(ModelSummary::of(initial.manifest()));
     }
     let options = options;
+    let stop_flag = trainer.stop_flag();
+    if let Some(f) = &stop_flag {
+        f.store(false, Ordering::Relaxed);
+    }
     let mut trainer = Some(trainer);
     let mut stats = ClientStats::default();
     let mut backoff = options.backoff_initial;
     let mut failures = 0u32;
     let result = loop {
+        if *shutdown.borrow() {
+            break Ok(());
+        }
         stats.connections += 1;
-        let outcome = session(&endpoint, &options, &mut trainer, &mut stats, &mut shutdown).await;
+        let outcome = session(
+            &mut endpoints,
+            &options,
+            &mut trainer,
+            &mut stats,
+            &mut shutdown,
+            stop_flag.as_ref(),
+        )
+        .await;
         match outcome {
             Ok(SessionEnd::Finished) => {
                 info!("federation finished");
@@ -309,40 +344,114 @@ pub async fn run<T: Trainer + 'static>(
             }
         }
     };
-    endpoint.close(0u32.into(), b"client done");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    // Closing is told to the server; waiting for its acknowledgement is bounded (a client
+    // asked to stop exits within a second or two).
+    for endpoint in [&endpoints.v4, &endpoints.v6].into_iter().flatten() {
+        endpoint.close(0u32.into(), b"client done");
+        let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    }
     let trainer = trainer.ok_or_else(|| Error::Model("trainer lost".into()))?;
     result.map(|()| (trainer, stats))
 }
 
-async fn session<T: Trainer + 'static>(
-    endpoint: &quinn::Endpoint,
+/// The client's UDP endpoints, one per address family, made when first needed (the server's
+/// name may resolve to either).
+struct Endpoints {
+    config: quinn::ClientConfig,
+    v4: Option<quinn::Endpoint>,
+    v6: Option<quinn::Endpoint>,
+}
+
+impl Endpoints {
+    fn for_addr(&mut self, to: SocketAddr) -> Result<&quinn::Endpoint, Error> {
+        let (slot, bind) = if to.is_ipv6() {
+            (
+                &mut self.v6,
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
+            )
+        } else {
+            (
+                &mut self.v4,
+                SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0)),
+            )
+        };
+        if slot.is_none() {
+            let mut e = quinn::Endpoint::client(bind).map_err(|source| Error::Io {
+                path: format!("udp socket {bind}").into(),
+                source,
+            })?;
+            e.set_default_client_config(self.config.clone());
+            *slot = Some(e);
+        }
+        slot.as_ref()
+            .ok_or_else(|| Error::Config("no endpoint".into()))
+    }
+}
+
+/// Resolves the server's name and completes the QUIC + TLS handshake, within the connect
+/// timeout.
+async fn connect(
+    endpoints: &mut Endpoints,
     options: &ClientOptions,
-    trainer: &mut Option<T>,
-    stats: &mut ClientStats,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<SessionEnd, SessionError> {
+) -> Result<quinn::Connection, SessionError> {
     let retry = |e: String| SessionError::Retry(e, false);
-    let connecting = endpoint
-        .connect(options.server, &options.server_name)
-        .map_err(|e| SessionError::Fatal(Error::Config(format!("cannot connect: {e}"))))?;
-    let conn = match connecting.await {
-        Ok(c) => c,
-        Err(e) => {
+    let addrs = options
+        .server
+        .resolve(options.connect_timeout)
+        .await
+        .map_err(retry)?;
+    let to = *addrs
+        .first()
+        .ok_or_else(|| retry(format!("{} resolves to no address", options.server)))?;
+    let connecting = endpoints
+        .for_addr(to)
+        .map_err(SessionError::Fatal)?
+        .connect(to, &options.server_name)
+        .map_err(|e| {
+            SessionError::Fatal(Error::Config(format!(
+                "cannot connect to {} as {:?}: {e}",
+                options.server, options.server_name
+            )))
+        })?;
+    let at = if options.server.ip().is_some() {
+        options.server.to_string()
+    } else {
+        format!("{} ({to})", options.server)
+    };
+    match tokio::time::timeout(options.connect_timeout, connecting).await {
+        Ok(Ok(c)) => Ok(c),
+        Err(_) => Err(retry(format!(
+            "no answer from {at} within {:.0?} (is the server running, and UDP port {} open?)",
+            options.connect_timeout,
+            to.port()
+        ))),
+        Ok(Err(e)) => {
             if let Some(why) = clock_problem(&e, &options.identity) {
                 error!("{why}");
                 return Err(retry(why));
             }
-            if is_tls_rejection(&e) {
-                return Err(SessionError::Fatal(Error::Refused(format!(
-                    "TLS handshake with {} failed: {e}",
-                    options.server
-                ))));
+            if let Some(refusal) = tls_refusal(&e, options) {
+                return Err(SessionError::Fatal(refusal));
             }
-            return Err(retry(format!("cannot connect to {}: {e}", options.server)));
+            Err(retry(format!("cannot connect to {at}: {e}")))
         }
+    }
+}
+
+async fn session<T: Trainer + 'static>(
+    endpoints: &mut Endpoints,
+    options: &ClientOptions,
+    trainer: &mut Option<T>,
+    stats: &mut ClientStats,
+    shutdown: &mut watch::Receiver<bool>,
+    stop_flag: Option<&Arc<AtomicBool>>,
+) -> Result<SessionEnd, SessionError> {
+    let conn = tokio::select! {
+        c = connect(endpoints, options) => c?,
+        _ = shutdown.changed() => return Ok(SessionEnd::Shutdown),
     };
-    let result = drive(&conn, options, trainer, stats, shutdown).await;
+    info!("connected to {}", options.server);
+    let result = drive(&conn, options, trainer, stats, shutdown, stop_flag).await;
     let s = conn.stats();
     stats.udp_bytes_sent += s.udp_tx.bytes;
     stats.udp_bytes_received += s.udp_rx.bytes;
@@ -355,6 +464,7 @@ async fn drive<T: Trainer + 'static>(
     trainer: &mut Option<T>,
     stats: &mut ClientStats,
     shutdown: &mut watch::Receiver<bool>,
+    stop_flag: Option<&Arc<AtomicBool>>,
 ) -> Result<SessionEnd, SessionError> {
     // Reader: one message per stream, in order, each within its deadline; the queue is
     // bounded (the reader waits while the driver is behind).
@@ -374,9 +484,7 @@ async fn drive<T: Trainer + 'static>(
                     return;
                 }
             };
-            let r = recv_message_timed(&mut s, &limits, None, &deadline)
-                .await
-                .map(|(m, _)| m);
+            let r = recv_message_timed(&mut s, &limits, None, &deadline).await;
             if in_tx.send(r.map_err(|e| e.to_string())).await.is_err() {
                 return;
             }
@@ -403,6 +511,10 @@ async fn drive<T: Trainer + 'static>(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<JobDone<T>>();
     let mut pending: Option<Job> = None;
     let mut busy = false;
+    // For the per-round log lines: the size of the message last received, and when the
+    // current job started.
+    let mut last_bytes = 0u64;
+    let mut job_started = Instant::now();
 
     let mut p = Participant::new(options.capabilities.clone());
     if options.secure_aggregation {
@@ -437,7 +549,11 @@ async fn drive<T: Trainer + 'static>(
                     model,
                     ..
                 } => {
-                    debug!("round {round}: training");
+                    info!(
+                        "round {round}: training ({} epoch(s), {:.2} MB received)",
+                        config.epochs,
+                        last_bytes as f64 / 1e6
+                    );
                     pending = Some(Job::Train(round, model, config));
                 }
                 ParticipantEvent::Evaluate { round, model, .. } => {
@@ -473,6 +589,7 @@ async fn drive<T: Trainer + 'static>(
             && let Some(job) = pending.take()
         {
             busy = true;
+            job_started = Instant::now();
             let done = done_tx.clone();
             tokio::task::spawn_blocking(move || {
                 let _ = done.send(run_job(t, job));
@@ -482,8 +599,9 @@ async fn drive<T: Trainer + 'static>(
         let hb = p.poll_timeout();
         tokio::select! {
             msg = in_rx.recv() => match msg {
-                Some(Ok(m)) => {
-                    debug!("received {}", m.kind());
+                Some(Ok((m, bytes))) => {
+                    debug!("received {} ({bytes} bytes)", m.kind());
+                    last_bytes = bytes;
                     if let Err(e) = p.handle_message(Instant::now(), m) {
                         break Err(SessionError::Retry(format!("server sent an invalid message: {e}"), p.is_enrolled()));
                     }
@@ -497,8 +615,8 @@ async fn drive<T: Trainer + 'static>(
                             error!("{why}");
                             break Err(SessionError::Retry(why, false));
                         }
-                        if is_tls_rejection(&reason) {
-                            break Err(SessionError::Fatal(Error::Refused(reason.to_string())));
+                        if let Some(refusal) = tls_refusal(&reason, options) {
+                            break Err(SessionError::Fatal(refusal));
                         }
                         break Err(SessionError::Retry(format!("connection lost: {reason}"), p.is_enrolled()));
                     }
@@ -513,12 +631,21 @@ async fn drive<T: Trainer + 'static>(
                         *trainer = Some(t);
                         match r {
                             Ok(u) => {
+                                let loss = u.metrics.get("train_loss").map(|l| format!(", train loss {l:.4}")).unwrap_or_default();
+                                let (n, mb) = (u.num_examples, u.params.len() as f64 * 4.0 / 1e6);
                                 let res = TrainRes { round, num_examples: u.num_examples, metrics: u.metrics, params: u.params };
                                 match p.submit_train(res) {
-                                    Ok(()) => stats.rounds_trained += 1,
-                                    Err(e) => debug!("dropping a stale result: {e}"),
+                                    Ok(()) => {
+                                        stats.rounds_trained += 1;
+                                        info!(
+                                            "round {round}: trained on {n} examples in {:.2} s{loss}; sending the update ({mb:.2} MB)",
+                                            job_started.elapsed().as_secs_f64()
+                                        );
+                                    }
+                                    Err(e) => info!("round {round}: trained, but the server has closed the round ({e}); update dropped"),
                                 }
                             }
+                            Err(Error::Cancelled) => {}
                             Err(e) => {
                                 warn!("round {round}: training failed: {e}");
                                 p.abandon(e.to_string());
@@ -534,8 +661,13 @@ async fn drive<T: Trainer + 'static>(
                                 let res = EvaluateRes { round, num_examples: ev.num_examples, loss: ev.loss, metrics };
                                 if p.submit_evaluation(res).is_ok() {
                                     stats.evaluations += 1;
+                                    info!(
+                                        "round {round}: evaluated on {} examples: loss {:.4}, accuracy {:.4}",
+                                        ev.num_examples, ev.loss, ev.accuracy
+                                    );
                                 }
                             }
+                            Err(Error::Cancelled) => {}
                             Err(e) => {
                                 warn!("round {round}: evaluation failed: {e}");
                                 p.abandon(e.to_string());
@@ -556,7 +688,10 @@ async fn drive<T: Trainer + 'static>(
                 break Err(SessionError::Retry("no welcome from the server in time".into(), false));
             }
             _ = shutdown.changed() => {
-                info!("shutting down");
+                info!("leaving the federation{}", if busy { " (stopping the local training)" } else { "" });
+                if let Some(f) = stop_flag {
+                    f.store(true, Ordering::Relaxed);
+                }
                 let _ = out_tx.try_send(Message::Abort { round: None, reason: AbortReason::Other("client shutting down".into()) });
                 break Ok(SessionEnd::Shutdown);
             }
@@ -579,7 +714,12 @@ async fn finish(
     end: Result<SessionEnd, SessionError>,
 ) -> Result<SessionEnd, SessionError> {
     drop(out_tx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    // Asked to stop: the goodbye gets a second, not more.
+    let flush = match end {
+        Ok(SessionEnd::Shutdown) => Duration::from_secs(1),
+        _ => Duration::from_secs(5),
+    };
+    let _ = tokio::time::timeout(flush, writer).await;
     conn.close(0u32.into(), b"bye");
     reader.abort();
     end

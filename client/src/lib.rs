@@ -26,6 +26,7 @@
     )
 )]
 
+pub mod address;
 pub mod backend;
 pub mod convert;
 pub mod data;
@@ -76,9 +77,17 @@ pub enum Error {
     /// A bad setting.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// The server refused us (certificate rejected by TLS).
-    #[error("the server refused our certificate: {0}")]
+    /// The server refused us: our certificate (rejected by its TLS), revoked, or our model.
+    /// The text says which.
+    #[error("refused: {0}")]
     Refused(String),
+    /// We refused the server: its certificate is not issued by our CA, or not for the name
+    /// we connect to (`--server-name`).
+    #[error("the server's certificate is not trusted: {0}")]
+    UntrustedServer(String),
+    /// A stop was asked (signal) while training or evaluating.
+    #[error("stopped before it finished")]
+    Cancelled,
     /// The server could not be reached (after the configured attempts).
     #[error("cannot reach the server: {0}")]
     Unreachable(String),

@@ -1,15 +1,16 @@
 //! `flotilla-client`: join a federation and train on local data.
 //!
 //! ```sh
-//! flotilla-client --server 10.0.0.5:4433 --server-name fl.example.org \
+//! flotilla-client --server fl.example.org:4433 \
 //!     --pki pki --id client-7 --data ~/mnist --partition 7/100 --model cnn --backend cpu
 //! ```
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use flotilla_client::address::ServerAddr;
 use flotilla_client::data::{Dataset, Split, bundled, load_idx_dir};
 use flotilla_client::driver::{ClientOptions, run};
 use flotilla_client::partition::{Partition, evaluation_shard};
@@ -17,6 +18,7 @@ use flotilla_client::{
     BackendKind, BurnTrainer, Cnn, LocalData, Mlp2nn, ModelKind, Precision, select_device_at,
 };
 use flotilla_crypto::pki::{Identity, PkiDir, load_certs};
+use flotilla_protocol::cli::{LogFormat, exit_code, init_logging, stop_signals};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -25,12 +27,20 @@ use flotilla_crypto::pki::{Identity, PkiDir, load_certs};
     about = "Flotilla edge client: trains locally with Burn, talks QUIC + mutual TLS"
 )]
 struct Args {
-    /// Server address (host:port, UDP).
+    /// Server address, HOST:PORT (UDP): a DNS name (resolved at each connection attempt),
+    /// an IPv4 address or a bracketed IPv6 address.
     #[arg(long)]
-    server: SocketAddr,
-    /// Name the server's certificate is issued for.
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
+    server: ServerAddr,
+    /// Name the server's certificate must be issued for. Default: the host of --server
+    /// (give it when connecting by IP address to a certificate issued for a DNS name).
+    #[arg(long)]
+    server_name: Option<String>,
+    /// Seconds one connection attempt may take before it is retried (with back-off).
+    #[arg(long, default_value_t = 5.0)]
+    connect_timeout: f64,
+    /// Log lines as text or as JSON objects (one per line), on standard error.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// PKI directory (ca.crt and clients/<id>.crt/.key); or give --ca/--cert/--key.
     #[arg(long)]
     pki: Option<PathBuf>,
@@ -117,16 +127,37 @@ fn load(data: &str, split: Split) -> anyhow::Result<Dataset> {
     })
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn")),
-        )
-        // Colour only on a terminal: logs piped to a file or journald stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+/// `INDEX/COUNT` of `--partition`.
+fn parse_partition(p: &str) -> anyhow::Result<(usize, usize)> {
+    let (i, n) = p
+        .split_once('/')
+        .with_context(|| format!("--partition {p:?}: expected INDEX/COUNT, e.g. 3/10"))?;
+    let i: usize = i.trim().parse().map_err(|_| {
+        anyhow::anyhow!("--partition {p:?}: INDEX {i:?} is not a whole number (expected INDEX/COUNT, e.g. 3/10)")
+    })?;
+    let n: usize = n.trim().parse().map_err(|_| {
+        anyhow::anyhow!("--partition {p:?}: COUNT {n:?} is not a whole number (expected INDEX/COUNT, e.g. 3/10)")
+    })?;
+    anyhow::ensure!(
+        i < n,
+        "--partition {p:?}: INDEX must be below COUNT (0-based: 0/{n} to {}/{n})",
+        n.saturating_sub(1)
+    );
+    Ok((i, n))
+}
+
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    init_logging(args.log_format, "info,quinn=warn");
+    let format = args.log_format;
+    exit_code(client(args), format)
+}
+
+fn client(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.connect_timeout.is_finite() && (0.1..=600.0).contains(&args.connect_timeout),
+        "--connect-timeout must be between 0.1 and 600 seconds"
+    );
     let (ca, cert, key) = match (&args.pki, &args.id) {
         (Some(dir), Some(id)) => {
             let pki = PkiDir::new(dir);
@@ -160,9 +191,7 @@ fn main() -> anyhow::Result<()> {
     let (train_local, test_local) = match &args.partition {
         None => (LocalData::all(train), LocalData::all(test)),
         Some(p) => {
-            let (i, n) = p.split_once('/').context("--partition is INDEX/COUNT")?;
-            let (i, n): (usize, usize) = (i.parse()?, n.parse()?);
-            anyhow::ensure!(i < n, "partition index {i} must be below {n}");
+            let (i, n) = parse_partition(p)?;
             let how = parse_split(&args.split)?;
             let tr = how.split(&train.labels, train.num_classes, n, args.split_seed)?;
             // The evaluation split does not depend on the training partition count.
@@ -183,7 +212,12 @@ fn main() -> anyhow::Result<()> {
     let backend: BackendKind = args.backend.parse()?;
     let (device, used) = select_device_at(backend, args.device_index);
     let precision: Precision = args.precision.parse()?;
-    let mut options = ClientOptions::new(args.server, args.server_name, identity, ca);
+    let server_name = args
+        .server_name
+        .clone()
+        .unwrap_or_else(|| args.server.host().to_string());
+    let mut options = ClientOptions::new(args.server.clone(), server_name, identity, ca);
+    options.connect_timeout = Duration::from_secs_f64(args.connect_timeout);
     options.capabilities.backend = used.to_string();
     options.secure_aggregation = !args.no_secure_aggregation;
     // The example count is the FedAvg weight: under secure aggregation it is only sent
@@ -195,9 +229,9 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut signals = stop_signals()?;
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::info!("Ctrl-C: leaving the federation");
+            if signals.changed().await.is_ok() {
                 let _ = stop_tx.send(true);
             }
         });

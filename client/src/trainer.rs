@@ -9,6 +9,7 @@
 //! per round and read back once at the end, never copied per batch.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::models::Precision;
 use burn::module::{Module, ModuleVisitor, Param};
@@ -56,6 +57,12 @@ pub trait Trainer: Send {
     fn train(&mut self, global: &Params, config: &TrainConfig) -> Result<LocalUpdate, Error>;
     /// Evaluates `global` on local held-out data.
     fn evaluate(&mut self, global: &Params) -> Result<Evaluation, Error>;
+    /// A flag that, once set, makes a `train` or `evaluate` in progress return
+    /// [`Error::Cancelled`] soon (between batches); `None` if this trainer cannot be
+    /// interrupted. The driver sets it when the client is asked to stop.
+    fn stop_flag(&self) -> Option<Arc<AtomicBool>> {
+        None
+    }
 }
 
 /// A data set and the examples of it that belong to this client.
@@ -143,6 +150,8 @@ pub struct BurnTrainer<M: Classifier> {
     pub eval_batch: usize,
     /// Arithmetic precision of training steps (see [`Precision`]).
     precision: Precision,
+    /// Set to stop a training or evaluation in progress (see [`Trainer::stop_flag`]).
+    stop: Arc<AtomicBool>,
 }
 
 impl<M: Classifier> std::fmt::Debug for BurnTrainer<M> {
@@ -177,6 +186,7 @@ impl<M: Classifier> BurnTrainer<M> {
             test,
             eval_batch: 1000,
             precision: Precision::F32,
+            stop: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -247,6 +257,9 @@ impl<M: Classifier> BurnTrainer<M> {
         let device = self.device.clone().without_autodiff();
         let (mut loss_sum, mut correct, mut n) = (0.0f64, 0i64, 0usize);
         for idx in data.indices.chunks(self.eval_batch.max(1)) {
+            if self.stop.load(Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
             let (x, y) = make_batch(&data.data, idx, &device);
             let logits = valid.forward(x);
             let loss = self.loss.forward(logits.clone(), y.clone());
@@ -267,6 +280,10 @@ impl<M: Classifier> BurnTrainer<M> {
 }
 
 impl<M: Classifier> Trainer for BurnTrainer<M> {
+    fn stop_flag(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.stop.clone())
+    }
+
     fn initial_params(&mut self) -> Result<Params, Error> {
         let model = self.take_model()?;
         let p = to_params(&model, &self.manifest);
@@ -325,6 +342,10 @@ impl<M: Classifier> Trainer for BurnTrainer<M> {
         for _epoch in 0..config.epochs.max(1) {
             order.shuffle(&mut rng);
             for idx in order.chunks(batch) {
+                if self.stop.load(Ordering::Relaxed) {
+                    self.model = Some(model);
+                    return Err(Error::Cancelled);
+                }
                 let (x, y) = make_batch(&self.train.data, idx, &self.device);
                 let logits = match self.precision.dtype() {
                     None => model.forward(x),

@@ -145,3 +145,53 @@ mod tests {
         client_config(&client, &roots).unwrap();
     }
 }
+
+/// Derives `N` bytes for `purpose` from the identity's private key (HKDF-SHA256); `None`
+/// only if HKDF refuses the length (never for the lengths used here).
+fn derive<const N: usize>(identity: &Identity, purpose: &[u8]) -> Option<[u8; N]> {
+    use ring::hkdf;
+    struct Len<const N: usize>;
+    impl<const N: usize> hkdf::KeyType for Len<N> {
+        fn len(&self) -> usize {
+            N
+        }
+    }
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"flotilla quic endpoint v1")
+        .extract(identity.key.secret_der());
+    let mut out = [0u8; N];
+    prk.expand(&[purpose], Len::<N>).ok()?.fill(&mut out).ok()?;
+    Some(out)
+}
+
+/// Random bytes, for the (unreachable) case where derivation fails: the endpoint then only
+/// loses the fast reconnection after a restart.
+fn random<const N: usize>() -> Result<[u8; N], Error> {
+    let mut out = [0u8; N];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut out)
+        .map_err(|_| Error::Random)?;
+    Ok(out)
+}
+
+/// The key a QUIC endpoint derives its stateless reset tokens from (RFC 9000 §10.3),
+/// derived from the server's private key. A server restarted with the same key answers
+/// packets of its predecessor's connections with a reset the clients accept, so they
+/// reconnect at once instead of waiting for their idle timeout; nobody without the key can
+/// forge one.
+pub fn stateless_reset_key(identity: &Identity) -> Result<ring::hmac::Key, Error> {
+    let bytes = match derive::<32>(identity, b"stateless reset") {
+        Some(b) => b,
+        None => random::<32>()?,
+    };
+    Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes))
+}
+
+/// The key of quinn's hashed connection-ID generator, derived from the server's private key:
+/// a restarted server recognises its predecessor's connection IDs as its own (so it answers
+/// them with a stateless reset instead of dropping them as invalid).
+pub fn connection_id_key(identity: &Identity) -> Result<u64, Error> {
+    let bytes = match derive::<8>(identity, b"connection id") {
+        Some(b) => b,
+        None => random::<8>()?,
+    };
+    Ok(u64::from_le_bytes(bytes))
+}

@@ -193,6 +193,48 @@ pub struct RoundRecord {
     pub privacy: Option<PrivacyReport>,
 }
 
+/// Why the coordinator dropped a client: a closed set, so that operators can count drops by
+/// reason (the event's text has the details).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropKind {
+    /// A message that could not be decoded (or broke a bound).
+    Malformed,
+    /// Nothing heard from it for the idle timeout.
+    Idle,
+    /// Asked for the initial model, it did not send one in time.
+    NoInitialParams,
+    /// A well-formed message that breaks the protocol (wrong phase, wrong round, bad sizes,
+    /// a failed secure-aggregation check...).
+    ProtocolViolation,
+}
+
+impl DropKind {
+    /// Every kind.
+    pub const ALL: [DropKind; 4] = [
+        Self::Malformed,
+        Self::Idle,
+        Self::NoInitialParams,
+        Self::ProtocolViolation,
+    ];
+
+    /// The kind's name (`snake_case`, as in metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Idle => "idle",
+            Self::NoInitialParams => "no_initial_params",
+            Self::ProtocolViolation => "protocol_violation",
+        }
+    }
+}
+
+impl std::fmt::Display for DropKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Something the driver should know or act on.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
@@ -204,7 +246,9 @@ pub enum Event {
     ClientDropped {
         /// Who.
         client: ClientId,
-        /// Why.
+        /// Why, as one of a closed set (for counting).
+        kind: DropKind,
+        /// Why, in words.
         reason: String,
     },
     /// The coordinator received the initial model.
@@ -610,7 +654,19 @@ impl Coordinator {
 
     /// A message from `client` could not be decoded: the client is dropped.
     pub fn handle_malformed(&mut self, now: Instant, client: &ClientId, error: &Error) {
-        self.drop_client(now, client, format!("malformed message: {error}"));
+        self.drop_client(
+            now,
+            client,
+            DropKind::Malformed,
+            format!("malformed message: {error}"),
+        );
+    }
+
+    /// The driver is serving: the machine says what it waits for
+    /// ([`Event::WaitingForClients`], "have 0 of N" before anyone connected), or finishes at
+    /// once if a resumed run has no round left.
+    pub fn handle_start(&mut self, now: Instant) {
+        self.maybe_start(now);
     }
 
     /// The timer returned by [`Coordinator::poll_timeout`] fired (or any time; early calls
@@ -624,7 +680,7 @@ impl Coordinator {
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in stale {
-                self.drop_client(now, &id, format!("no message for {idle:?}"));
+                self.drop_client(now, &id, DropKind::Idle, format!("no message for {idle:?}"));
             }
         }
         match &mut self.phase {
@@ -635,6 +691,7 @@ impl Coordinator {
                 self.drop_client(
                     now,
                     &asked,
+                    DropKind::NoInitialParams,
                     "did not send initial parameters in time".into(),
                 );
             }
@@ -683,7 +740,7 @@ impl Coordinator {
         match self.process(now, from, msg) {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.drop_client(now, from, e.to_string());
+                self.drop_client(now, from, DropKind::ProtocolViolation, e.to_string());
                 Err(e)
             }
         }
@@ -927,7 +984,7 @@ impl Coordinator {
     }
 
     /// Removes a client, tells it why, and records the failure.
-    fn drop_client(&mut self, now: Instant, client: &ClientId, reason: String) {
+    fn drop_client(&mut self, now: Instant, client: &ClientId, kind: DropKind, reason: String) {
         self.transmits.push_back((
             client.clone(),
             Message::Abort {
@@ -938,6 +995,7 @@ impl Coordinator {
         self.remove_client(now, client);
         self.events.push_back(Event::ClientDropped {
             client: client.clone(),
+            kind,
             reason: reason.clone(),
         });
         self.fail(now, client, FailureReason::Invalid(reason));

@@ -34,6 +34,8 @@
 )]
 
 pub mod bounds;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod codec;
 pub mod coordinator;
 pub mod dp;

@@ -109,6 +109,16 @@ pub enum FailureReason {
     Invalid(String),
 }
 
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Timeout => f.write_str("no answer before the deadline"),
+            Self::Disconnected => f.write_str("disconnected"),
+            Self::Invalid(why) => write!(f, "invalid: {why}"),
+        }
+    }
+}
+
 /// A selected client that did not contribute, and why.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Failure {

@@ -8,6 +8,11 @@
 //!                                         # model_quorum clients declare the same model
 //! max_model_bytes = 1073741824            # bound on an initial model taken from a client
 //!
+//! [operations]
+//! # listen = "127.0.0.1:9464"             # plain HTTP: /metrics (Prometheus), / (dashboard),
+//!                                         # /api/status, /healthz, /readyz. No TLS, no
+//!                                         # authentication: keep it private. Off by default.
+//!
 //! [tls]
 //! ca = "pki/ca.crt"
 //! cert = "pki/server.crt"
@@ -93,9 +98,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-/// Where the server's TLS material is.
+/// Where the server's TLS material is (each field defaults to the `pki/` layout that
+/// `flotilla-server certs` writes, so a section may name only what differs).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// Federation CA certificate (PEM).
     pub ca: PathBuf,
@@ -116,6 +122,16 @@ impl Default for TlsConfig {
             crl: None,
         }
     }
+}
+
+/// The operations endpoint (see [`crate::ops`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OperationsConfig {
+    /// TCP address of the plain-HTTP endpoint serving `/metrics`, the dashboard,
+    /// `/api/status`, `/healthz` and `/readyz`; none (the default) serves nothing. It has no
+    /// TLS and no authentication: bind it to localhost or a private network.
+    pub listen: Option<SocketAddr>,
 }
 
 /// Round settings.
@@ -470,6 +486,8 @@ pub struct ServerConfig {
     pub limits: LimitsConfig,
     /// Secure aggregation; absent: off.
     pub secure_aggregation: Option<SecAggConfig>,
+    /// Metrics, dashboard and health endpoint.
+    pub operations: OperationsConfig,
     /// Differential privacy; absent: off.
     pub dp: Option<DpConfig>,
     /// Start anew even if the checkpoint directory holds checkpoints none of which verifies
@@ -491,6 +509,7 @@ impl Default for ServerConfig {
             max_model_bytes: DEFAULT_MAX_MODEL_BYTES,
             limits: LimitsConfig::default(),
             secure_aggregation: None,
+            operations: OperationsConfig::default(),
             dp: None,
             fresh: false,
         }
@@ -677,6 +696,28 @@ mod tests {
         want.tls.crl = Some("pki/crl.pem".into());
         want.secure_aggregation = Some(SecAggConfig::default());
         assert_eq!(c, want);
+    }
+
+    #[test]
+    fn every_section_may_name_only_what_differs() {
+        // Each table of the configuration, given empty, is the default; [tls] with one field
+        // keeps the others' defaults (it once failed with "missing field cert").
+        let full = toml::to_string(&ServerConfig::default()).unwrap();
+        let table: toml::Table = toml::from_str(&full).unwrap();
+        let sections: Vec<&String> = table
+            .iter()
+            .filter(|(_, v)| v.is_table())
+            .map(|(k, _)| k)
+            .collect();
+        assert!(sections.len() >= 5, "{sections:?}");
+        for name in sections {
+            let c: ServerConfig = toml::from_str(&format!("[{name}]\n"))
+                .unwrap_or_else(|e| panic!("an empty [{name}] is refused: {e}"));
+            assert_eq!(c, ServerConfig::default(), "[{name}]");
+        }
+        let c: ServerConfig = toml::from_str("[tls]\nca = \"other/ca.crt\"\n").unwrap();
+        assert_eq!(c.tls.ca, PathBuf::from("other/ca.crt"));
+        assert_eq!(c.tls.cert, TlsConfig::default().cert);
     }
 
     #[test]

@@ -55,6 +55,7 @@ use tracing::{debug, info, warn};
 use crate::Error;
 use crate::checkpoint;
 use crate::config::{LimitsConfig, ServerConfig};
+use crate::ops::{Refusal, Telemetry};
 
 /// What the server did.
 #[derive(Clone, Debug, Default)]
@@ -74,6 +75,13 @@ pub struct RunSummary {
 pub struct RunningServer {
     /// The address it listens on.
     pub local_addr: SocketAddr,
+    /// The operations endpoint's address (metrics, dashboard), if one is configured.
+    pub ops_addr: Option<SocketAddr>,
+    /// Its metrics and dashboard state.
+    pub telemetry: Arc<Telemetry>,
+    /// The operations endpoint serves until this is dropped (after the run: the last
+    /// figures stay readable while the process lives).
+    _ops_stop: watch::Sender<bool>,
     shutdown: watch::Sender<bool>,
     reload: Arc<Notify>,
     endpoint: quinn::Endpoint,
@@ -237,13 +245,23 @@ pub fn quinn_server_config(config: &ServerConfig) -> Result<quinn::ServerConfig,
     Ok(sc)
 }
 
-/// Builds the quinn endpoint from the configured TLS files.
+/// Builds the quinn endpoint from the configured TLS files. Its stateless reset key and its
+/// connection-ID key come from the server's key, so a restarted server recognises its
+/// predecessor's connections and resets them: clients reconnect at once.
 pub fn endpoint(config: &ServerConfig) -> Result<quinn::Endpoint, Error> {
     let sc = quinn_server_config(config)?;
-    quinn::Endpoint::server(sc, config.listen).map_err(|source| Error::Io {
+    let identity = Identity::load(&config.tls.cert, &config.tls.key)?;
+    let mut ec = quinn::EndpointConfig::new(Arc::new(tls::stateless_reset_key(&identity)?));
+    let cid_key = tls::connection_id_key(&identity)?;
+    ec.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    let io = |source| Error::Io {
         path: format!("udp://{}", config.listen).into(),
         source,
-    })
+    };
+    let socket = std::net::UdpSocket::bind(config.listen).map_err(io)?;
+    quinn::Endpoint::new(ec, Some(sc), socket, Arc::new(quinn::TokioRuntime)).map_err(io)
 }
 
 fn load_initial(path: &Path) -> Result<Params, Error> {
@@ -347,6 +365,35 @@ pub fn start(
         config.coordinator()?.num_rounds,
         config.strategy.name
     );
+    let telemetry = Arc::new(Telemetry::new(
+        &config.strategy.name,
+        config.coordinator()?.num_rounds,
+    ));
+    // The operations endpoint lives as long as the `RunningServer`.
+    let (ops_stop, ops_stop_rx) = watch::channel(false);
+    let ops_addr = match config.operations.listen {
+        None => None,
+        Some(addr) => {
+            let io = |source| Error::Io {
+                path: format!("tcp://{addr} (operations endpoint)").into(),
+                source,
+            };
+            let std_listener = std::net::TcpListener::bind(addr).map_err(io)?;
+            std_listener.set_nonblocking(true).map_err(io)?;
+            let bound = std_listener.local_addr().map_err(io)?;
+            let listener = tokio::net::TcpListener::from_std(std_listener).map_err(io)?;
+            info!(
+                "operations endpoint on http://{bound}/ (dashboard; /metrics for Prometheus; plain HTTP, keep it private)"
+            );
+            let t = telemetry.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::ops::serve(listener, t, ops_stop_rx).await {
+                    warn!("operations endpoint stopped: {e}");
+                }
+            });
+            Some(bound)
+        }
+    };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let reload = Arc::new(Notify::new());
     let task = tokio::spawn(run(
@@ -356,9 +403,13 @@ pub fn start(
         shutdown_rx,
         reload.clone(),
         observer,
+        telemetry.clone(),
     ));
     Ok(RunningServer {
         local_addr,
+        ops_addr,
+        telemetry,
+        _ops_stop: ops_stop,
         shutdown,
         reload,
         endpoint,
@@ -383,6 +434,7 @@ fn peer_certificate(conn: &quinn::Connection) -> Result<(ClientId, Vec<u8>), Str
 #[derive(Clone)]
 struct Shared {
     tx: mpsc::Sender<Input>,
+    telemetry: Arc<Telemetry>,
     gate: Arc<RwLock<ModelGate>>,
     admission: Arc<Admission>,
     limits: LimitsConfig,
@@ -427,6 +479,7 @@ async fn serve_incoming(incoming: quinn::Incoming, conn_id: u64, shared: Shared)
         Ok(v) => v,
         Err(e) => {
             warn!("refused connection from {remote}: {e}");
+            shared.telemetry.refused(Refusal::BadIdentity);
             conn.close(
                 close::BAD_IDENTITY.into(),
                 b"no usable client id in certificate",
@@ -436,6 +489,7 @@ async fn serve_incoming(incoming: quinn::Incoming, conn_id: u64, shared: Shared)
     };
     let Some(_slot) = IdentitySlot::take(&shared.admission, &id, &shared.limits) else {
         warn!(client = %id, "refused connection from {remote}: too many connections");
+        shared.telemetry.refused(Refusal::TooManyConnections);
         conn.close(close::TOO_MANY_CONNECTIONS.into(), b"too many connections");
         return;
     };
@@ -643,6 +697,7 @@ fn crl_stamp(config: &ServerConfig) -> Option<(std::time::SystemTime, u64)> {
 }
 
 struct Central {
+    telemetry: Arc<Telemetry>,
     config: ServerConfig,
     coord: Coordinator,
     clients: HashMap<ClientId, Client>,
@@ -659,6 +714,7 @@ impl Central {
         if let Some(c) = self.clients.remove(id) {
             c.conn.conn.close(code.into(), reason);
             self.coord.handle_disconnect(now, id);
+            self.telemetry.disconnected(id);
         }
     }
 
@@ -667,6 +723,7 @@ impl Central {
     fn on_hello(&mut self, now: Instant, id: ClientId, conn: Arc<Conn>, hello: Message) {
         if self.revoked.contains(&conn.serial) {
             warn!(client = %id, "refused {}: certificate revoked", conn.remote);
+            self.telemetry.refused(Refusal::Revoked);
             conn.conn
                 .close(close::REVOKED.into(), b"certificate revoked");
             return;
@@ -693,6 +750,7 @@ impl Central {
                     old.conn.remote,
                     if live { "live" } else { "replaced too often" }
                 );
+                self.telemetry.refused(Refusal::IdentityInUse);
                 conn.conn.close(
                     close::IDENTITY_IN_USE.into(),
                     b"another device is using this identity",
@@ -750,6 +808,7 @@ impl Central {
         info!("CRL reloaded: {} serials revoked", self.revoked.len());
         for id in gone {
             warn!(client = %id, "certificate revoked; closing its connection");
+            self.telemetry.refused(Refusal::Revoked);
             self.disconnect(now, &id, close::REVOKED, b"certificate revoked");
         }
     }
@@ -762,6 +821,7 @@ async fn run(
     mut shutdown: watch::Receiver<bool>,
     reload: Arc<Notify>,
     observer: Option<mpsc::UnboundedSender<Event>>,
+    telemetry: Arc<Telemetry>,
 ) -> Result<RunSummary, Error> {
     let epoch = Instant::now();
     let gate: Arc<RwLock<ModelGate>> = Arc::new(RwLock::new(ModelGate::default()));
@@ -771,6 +831,7 @@ async fn run(
     let (tx, mut rx) = mpsc::channel::<Input>(1024);
     let shared = Shared {
         tx,
+        telemetry: telemetry.clone(),
         gate: gate.clone(),
         admission: admission.clone(),
         limits: config.limits.clone(),
@@ -783,6 +844,7 @@ async fn run(
     let strategy_name = config.strategy.name.clone();
     let mut crl_stamp_seen = crl_stamp(&config);
     let mut central = Central {
+        telemetry: telemetry.clone(),
         revoked: revoked_serials(&config).unwrap_or_default(),
         config,
         coord,
@@ -796,18 +858,34 @@ async fn run(
         central.config.limits.crl_reload_secs,
     ));
     crl_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut summary_tick = tokio::time::interval(Duration::from_secs(30));
+    let mut summary_tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(30),
+        Duration::from_secs(30),
+    );
     summary_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refused_reported = 0u64;
     let mut waiting: Option<String> = None;
     let history_log = central.config.checkpoint_dir.join("history.jsonl");
+    let (mut sent_counted, mut refused_counted) = (0u64, 0u64);
+    telemetry.set_ready();
+    central.coord.handle_start(Instant::now());
 
     loop {
+        // What the connection tasks counted since the last turn.
+        telemetry.beat();
+        telemetry.set_connections(admission.connections.load(Ordering::Relaxed));
+        let sent_now = central.sent.load(Ordering::Relaxed);
+        telemetry.sent(sent_now.saturating_sub(sent_counted));
+        sent_counted = sent_now;
+        let refused_now = admission.refused_handshakes.load(Ordering::Relaxed);
+        telemetry.refused_handshakes(refused_now.saturating_sub(refused_counted));
+        refused_counted = refused_now;
         // Route everything the coordinator wants done.
         let mut finished = false;
         let mut too_slow = Vec::new();
         while let Some((to, msg)) = central.coord.poll_transmit() {
             debug!(client = %to, "sending {}", msg.kind());
+            telemetry.sending(&to, &msg);
             if matches!(msg, Message::GetParams)
                 && let Ok(mut g) = gate.write()
             {
@@ -821,6 +899,7 @@ async fn run(
         }
         for id in too_slow {
             warn!(client = %id, "cannot keep up with its send queue; closing");
+            telemetry.refused(Refusal::TooSlow);
             central.disconnect(Instant::now(), &id, close::TOO_SLOW, b"send queue full");
         }
         let mut persisted = false;
@@ -857,8 +936,12 @@ async fn run(
                     info!("{line}");
                     waiting = Some(line);
                 }
-                Event::ClientDropped { client, reason } => {
-                    warn!(client = %client, "dropped: {reason}");
+                Event::ClientDropped {
+                    client,
+                    kind,
+                    reason,
+                } => {
+                    warn!(client = %client, kind = %kind, "dropped ({kind}): {reason}");
                     // Dropping the sender lets the writer flush the Abort; the connection
                     // is closed shortly whatever the writer is doing.
                     if let Some(c) = central.clients.remove(client) {
@@ -887,6 +970,7 @@ async fn run(
                         let name = strategy_name.clone();
                         let log = history_log.clone();
                         let record = r.clone();
+                        let started = Instant::now();
                         let path = tokio::task::spawn_blocking(move || {
                             let path = checkpoint::write(&dir, &snapshot, &name)?;
                             checkpoint::append_history(&log, &record)?;
@@ -894,6 +978,7 @@ async fn run(
                         })
                         .await
                         .map_err(|e| Error::Config(format!("checkpoint task: {e}")))??;
+                        telemetry.checkpoint_written(started.elapsed().as_secs_f64());
                         debug!("checkpoint {}", path.display());
                     }
                     // Round k is on disk: only now may round k + 1 be announced.
@@ -922,6 +1007,7 @@ async fn run(
                 Event::LateMessage { .. } => debug!("{ev:?}"),
                 _ => debug!("{ev:?}"),
             }
+            telemetry.event(&ev);
             if let Some(o) = &observer {
                 let completed = match &ev {
                     Event::RoundCompleted(r) => Some(r.round),
@@ -988,6 +1074,8 @@ async fn run(
                     Input::Message { id, conn_id, msg, bytes } => {
                         if central.clients.get(&id).is_some_and(|c| c.conn.conn_id == conn_id) {
                             received += bytes;
+                            telemetry.received(bytes);
+                            telemetry.receiving(&msg);
                             if let Err(e) = central.coord.handle_message(now, &id, msg) {
                                 debug!(client = %id, "protocol error: {e}");
                             }
@@ -1002,6 +1090,7 @@ async fn run(
                         if central.clients.get(&id).is_some_and(|c| c.conn.conn_id == conn_id) {
                             central.clients.remove(&id);
                             central.coord.handle_disconnect(now, &id);
+                            telemetry.disconnected(&id);
                         }
                     }
                 }
@@ -1045,11 +1134,15 @@ async fn run(
 
     // Let writers deliver the final messages, then close.
     central.clients.clear();
+    // Bounded as a whole (not per writer): a stop signal must end the process within
+    // seconds, whatever slow clients do.
+    let flush_by = tokio::time::Instant::now() + Duration::from_millis(1500);
     for w in std::mem::take(&mut central.writers) {
-        let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
+        let _ = tokio::time::timeout_at(flush_by, w).await;
     }
+    telemetry.sent(central.sent.load(Ordering::Relaxed).saturating_sub(sent_counted));
     endpoint.close(0u32.into(), b"server done");
-    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(Duration::from_millis(700), endpoint.wait_idle()).await;
     Ok(RunSummary {
         history: central.coord.history().to_vec(),
         global: central.coord.global().cloned(),
@@ -1103,12 +1196,35 @@ fn log_round(r: &RoundRecord) {
         .unwrap_or_default();
     match &r.aborted {
         None => info!(
-            "round {} done: {}/{} results, {} failures{eval}{privacy}",
+            "round {} done: {}/{} results{}{eval}{privacy}",
             r.round,
             r.results,
             r.selected,
-            r.failures.len()
+            failures_text(&r.failures)
         ),
         Some(reason) => warn!("round {} aborted: {reason}", r.round),
     }
+}
+
+/// `; 2 failures: c7 (disconnected), c9 (no answer before the deadline)`: each client and
+/// why, the first ten named.
+fn failures_text(failures: &[flotilla_protocol::strategy::Failure]) -> String {
+    const NAMED: usize = 10;
+    if failures.is_empty() {
+        return String::new();
+    }
+    let mut named: Vec<String> = failures
+        .iter()
+        .take(NAMED)
+        .map(|f| format!("{} ({})", f.client, f.reason))
+        .collect();
+    if failures.len() > NAMED {
+        named.push(format!("and {} more", failures.len() - NAMED));
+    }
+    let n = failures.len();
+    format!(
+        "; {n} failure{}: {}",
+        if n == 1 { "" } else { "s" },
+        named.join(", ")
+    )
 }

@@ -24,6 +24,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod driver;
+pub mod ops;
 
 pub use config::ServerConfig;
 pub use driver::{RunSummary, RunningServer, start};

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flotilla_crypto::pki::PkiDir;
+use flotilla_protocol::cli::{LogFormat, exit_code, init_logging, stop_signals};
 use flotilla_server::{ServerConfig, checkpoint};
 
 #[derive(Parser, Debug)]
@@ -15,6 +16,9 @@ use flotilla_server::{ServerConfig, checkpoint};
     about = "Flotilla aggregation server (QUIC + mutual TLS)"
 )]
 struct Cli {
+    /// Log lines as text or as JSON objects (one per line), on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -104,23 +108,26 @@ struct RunArgs {
     /// Override: PKI directory holding ca.crt, server.crt, server.key and crl.pem.
     #[arg(long)]
     pki: Option<PathBuf>,
+    /// Override: serve metrics (/metrics), the dashboard (/) and health checks (/healthz,
+    /// /readyz) over plain HTTP on this TCP address. No TLS, no authentication: use
+    /// localhost or a private network, or the operator's own TLS proxy.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Start anew when the checkpoint directory holds checkpoints none of which verifies
     /// (they are set aside as *.unreadable); without it the server refuses to start.
     #[arg(long)]
     fresh: bool,
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn")),
-        )
-        // Colour only on a terminal: logs piped to a file or journald stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    init_logging(cli.log_format, "info,quinn=warn");
+    let format = cli.log_format;
+    exit_code(dispatch(cli.command), format)
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Certs {
             dir,
             backdate_hours,
@@ -227,12 +234,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(v) = args.initial_model {
         config.initial_model = Some(v);
     }
+    if let Some(v) = args.metrics_listen {
+        config.operations.listen = Some(v);
+    }
     config.fresh = args.fresh;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let mut server = flotilla_server::start(config, None)?;
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut stop = stop_signals()?;
         let summary = loop {
             tokio::select! {
                 s = server.join() => break s,
@@ -240,13 +250,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     tracing::info!("SIGHUP: re-reading the CRL");
                     server.reload_crl();
                 }
-                _ = term.recv() => {
-                    tracing::info!("SIGTERM: stopping (checkpoints on disk are kept)");
-                    server.shutdown();
-                    break server.join().await;
-                }
-                _ = tokio::signal::ctrl_c() => {
-                    tracing::info!("Ctrl-C: stopping (checkpoints on disk are kept)");
+                _ = stop.changed() => {
+                    tracing::info!("stopping: telling clients, closing connections (checkpoints on disk are kept)");
                     server.shutdown();
                     break server.join().await;
                 }

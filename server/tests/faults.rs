@@ -352,7 +352,7 @@ async fn a_server_busy_aggregating_drops_no_client() {
         .unwrap();
     let mut dropped = Vec::new();
     while let Ok(ev) = ev_rx.try_recv() {
-        if let Event::ClientDropped { client, reason } = ev {
+        if let Event::ClientDropped { client, reason, .. } = ev {
             dropped.push((client, reason));
         }
     }

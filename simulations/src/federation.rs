@@ -105,4 +105,7 @@ impl<T: Trainer> Trainer for Gated<T> {
     fn evaluate(&mut self, global: &Params) -> Result<Evaluation, flotilla_client::Error> {
         self.gate.with(|| self.inner.evaluate(global))
     }
+    fn stop_flag(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        self.inner.stop_flag()
+    }
 }

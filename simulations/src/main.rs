@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use flotilla_protocol::cli::{LogFormat, exit_code, init_logging};
 use flotilla_sim::quickstart;
 
 #[derive(Parser, Debug)]
@@ -12,6 +13,9 @@ use flotilla_sim::quickstart;
     about = "Flotilla simulations: a server and many clients in one process"
 )]
 struct Cli {
+    /// Log lines as text or as JSON objects (one per line), on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -124,16 +128,15 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        // Colour only on a terminal: logs piped to a file or journald stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, "warn");
+    let format = cli.log_format;
+    exit_code(dispatch(cli.command), format)
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Run {
             experiment,
             transport,

@@ -564,7 +564,7 @@ async fn run_with_evil(how: Evil, timeout_secs: f64) -> (RunSummary, Vec<(String
     let summary = wait(server).await;
     let mut dropped = Vec::new();
     while let Ok(ev) = ev_rx.try_recv() {
-        if let Event::ClientDropped { client, reason } = ev {
+        if let Event::ClientDropped { client, reason, .. } = ev {
             dropped.push((client.to_string(), reason));
         }
     }

@@ -240,6 +240,11 @@ impl ServerProcess {
             .unwrap()
             .port();
         cfg.listen = SocketAddr::from(([127, 0, 0, 1], port));
+        Self::spawn_at(cfg, dir)
+    }
+
+    /// The binary listening on `cfg.listen` as it is.
+    pub fn spawn_at(cfg: ServerConfig, dir: &Path) -> Self {
         let path = dir.join("server.toml");
         std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
         let log = std::fs::File::create(dir.join("server.log")).unwrap();

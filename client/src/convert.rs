@@ -128,6 +128,40 @@ pub fn manifest_of<M: Module>(module: &M) -> Manifest {
     Manifest::new(v.specs)
 }
 
+struct FlatVisitor {
+    path: Path,
+    tensors: Vec<Tensor<1>>,
+}
+
+impl ModuleVisitor for FlatVisitor {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.path.enter(name, container);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let t = match self.path.pytorch(D).1 {
+            Layout::Same => param.val(),
+            Layout::Transposed => param.val().transpose(),
+        };
+        let n = t.shape().num_elements();
+        self.tensors.push(t.reshape([n]));
+    }
+}
+
+/// The module's parameters as flat tensors in the federation's layout, in manifest order,
+/// still on the module's device and in its autodiff graph (so that a loss may be computed
+/// against a flat [`Params`], as FedProx's proximal term is).
+pub fn flat_tensors<M: Module>(module: &M) -> Vec<Tensor<1>> {
+    let mut v = FlatVisitor {
+        path: Path::default(),
+        tensors: Vec::new(),
+    };
+    module.visit(&mut v);
+    v.tensors
+}
+
 struct ValuesVisitor {
     path: Path,
     values: Vec<f32>,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::models::Precision;
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::Module;
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{AdamConfig, GradientsParams, SgdConfig, momentum::MomentumConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -117,22 +117,12 @@ pub fn make_batch(data: &Dataset, idx: &[usize], device: &Device) -> (Tensor<2>,
     )
 }
 
-/// Flattened views of a module's float parameters, in manifest order.
-struct Flatten(Vec<Tensor<1>>);
-
-impl ModuleVisitor for Flatten {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = param.val();
-        let n = t.shape().num_elements();
-        self.0.push(t.reshape([n]));
-    }
-}
-
-/// `Σ ||w − w_global||²` over all parameters (the FedProx proximal term without mu/2).
+/// `Σ ||w − w_global||²` over all parameters (the FedProx proximal term without mu/2); the
+/// anchor is flat in the federation's layout, as [`crate::convert::flat_tensors`] gives the
+/// model's parameters.
 fn proximal<M: Module>(model: &M, global: &[Tensor<1>]) -> Option<Tensor<1>> {
-    let mut f = Flatten(Vec::new());
-    model.visit(&mut f);
-    f.0.into_iter()
+    crate::convert::flat_tensors(model)
+        .into_iter()
         .zip(global)
         .map(|(w, g)| (w - g.clone()).powf_scalar(2.0).sum())
         .reduce(|a, b| a + b)

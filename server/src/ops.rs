@@ -48,7 +48,8 @@ pub const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Phase {
     /// Waiting for enough clients (or for a model).
     Waiting,
-    /// Clients training (plain rounds; with SecAgg+ the stages below follow).
+    /// Clients training (plain rounds; a secure round goes through the SecAgg+ stages
+    /// below instead, its clients training during the masked-input stage).
     Train,
     /// SecAgg+: collecting key advertisements.
     SecaggAdvertiseKeys,
@@ -476,13 +477,17 @@ impl Telemetry {
                 if let Some(c) = s.clients.get_mut(to) {
                     c.last_round = Some(t.round);
                 }
-                if s.phase != Phase::Train || s.round != t.round {
+                // The round's first instructions open its phase (later ones, e.g. in the
+                // stages of a secure round, leave the phase to the round's events).
+                if s.round != t.round || s.phase == Phase::Waiting {
                     self.enter(&mut s, Phase::Train);
                     s.round = t.round;
                     s.expected = 0;
                     s.replies = 0;
                 }
-                s.expected += 1;
+                if s.phase == Phase::Train {
+                    s.expected += 1;
+                }
             }
             Message::Evaluate(e) => {
                 if s.phase != Phase::Evaluate {
@@ -577,6 +582,12 @@ impl Telemetry {
             }
             Event::SecureStage { stage, .. } => {
                 if let Some(p) = Phase::of_stage(*stage) {
+                    // A secure round opens with key advertisement (no event of its own):
+                    // the time since the round started was that stage, not training, which
+                    // happens during the masked-input stage.
+                    if s.phase == Phase::Train {
+                        s.phase = Phase::SecaggAdvertiseKeys;
+                    }
                     self.enter(&mut s, p);
                     s.replies = 0;
                 }

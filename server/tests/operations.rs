@@ -545,3 +545,52 @@ async fn the_server_runs_unprivileged_on_a_read_only_root_filesystem() {
         .expect("no exit within 3 s of SIGTERM");
     assert_eq!(st.code(), Some(0), "{}", std::fs::read_to_string(&log).unwrap_or_default());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_time_each_stage_of_a_secure_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = ["c1", "c2", "c3"];
+    let pki = pki(dir.path(), &ids);
+    let mut cfg = ops_config(&pki, dir.path(), 1000);
+    cfg.rounds.num_rounds = 1;
+    cfg.rounds.min_available_clients = 3;
+    cfg.rounds.min_train_results = 3;
+    cfg.strategy.min_train_clients = 3;
+    cfg.secure_aggregation = Some(flotilla_protocol::secagg::SecAggConfig {
+        neighbours: 0,
+        threshold: 2,
+        clip: 1.0,
+        ..Default::default()
+    });
+    let mut server = flotilla_server::start(cfg, None).unwrap();
+    let ops = server.ops_addr.unwrap();
+    let mut stops = Vec::new();
+    for id in ids {
+        let mut o = options(&pki, id, server.local_addr);
+        o.secure_aggregation = true;
+        let (stop, rx) = watch::channel(false);
+        tokio::spawn(run_client(o, Delta { n: 1000, pause: Duration::ZERO }, rx));
+        stops.push(stop);
+    }
+    let summary = server.join().await.unwrap();
+    assert!(summary.history[0].aborted.is_none(), "{:?}", summary.history[0]);
+    assert!(summary.history[0].secagg.is_some());
+    let (_, text) = http_get(ops, "/metrics").await;
+    let m = samples(&text);
+    for phase in [
+        "secagg_advertise_keys",
+        "secagg_share_keys",
+        "secagg_masked_input",
+        "secagg_consistency",
+        "secagg_unmask",
+    ] {
+        let key = format!("flotilla_round_phase_duration_seconds_count{{phase=\"{phase}\"}}");
+        assert_eq!(m.get(&key).copied(), Some(1.0), "{key}:\n{text}");
+    }
+    // Training is part of the masked-input stage in a secure round, not a phase of its own.
+    assert_eq!(
+        m.get("flotilla_round_phase_duration_seconds_count{phase=\"train\"}"),
+        None,
+        "{text}"
+    );
+}

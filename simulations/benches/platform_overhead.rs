@@ -50,16 +50,16 @@ impl Trainer for Instant0 {
     }
 }
 
-/// The CNN's manifest shapes (burn layout), zero-filled.
+/// The CNN's manifest shapes (the federation's layout, PyTorch's), zero-filled.
 fn cnn_sized(v: f32) -> Params {
     let m = Manifest::new(vec![
         TensorSpec::new("conv1.weight", &[32, 1, 5, 5]),
         TensorSpec::new("conv1.bias", &[32]),
         TensorSpec::new("conv2.weight", &[64, 32, 5, 5]),
         TensorSpec::new("conv2.bias", &[64]),
-        TensorSpec::new("fc1.weight", &[3136, 512]),
+        TensorSpec::new("fc1.weight", &[512, 3136]),
         TensorSpec::new("fc1.bias", &[512]),
-        TensorSpec::new("fc2.weight", &[512, 10]),
+        TensorSpec::new("fc2.weight", &[10, 512]),
         TensorSpec::new("fc2.bias", &[10]),
     ]);
     let n = m.numel() as usize;

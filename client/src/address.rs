@@ -19,7 +19,9 @@ pub struct ServerAddr {
 
 /// Why a server address was not understood.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("server address {given:?}: {why} (expected HOST:PORT, e.g. fl.example.org:4433, 10.0.0.5:4433 or [2001:db8::5]:4433)")]
+#[error(
+    "server address {given:?}: {why} (expected HOST:PORT, e.g. fl.example.org:4433, 10.0.0.5:4433 or [2001:db8::5]:4433)"
+)]
 pub struct AddrError {
     given: String,
     why: &'static str,
@@ -169,7 +171,10 @@ mod tests {
         }
         let long = format!("{}.org:1", "a.".repeat(130));
         assert!(long.parse::<ServerAddr>().is_err());
-        let e = "fl.example.org".parse::<ServerAddr>().unwrap_err().to_string();
+        let e = "fl.example.org"
+            .parse::<ServerAddr>()
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no port") && e.contains("HOST:PORT"), "{e}");
     }
 
@@ -177,6 +182,10 @@ mod tests {
     async fn resolves_localhost_without_network() {
         let a: ServerAddr = "localhost:4433".parse().unwrap();
         let addrs = a.resolve(Duration::from_secs(5)).await.unwrap();
-        assert!(addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 4433));
+        assert!(
+            addrs
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 4433)
+        );
     }
 }

@@ -348,7 +348,11 @@ mod tests {
         let h = relu(torch_linear(&h, t[2], t[3], 200));
         let ours = torch_linear(&h, t[4], t[5], 200);
         let input = Tensor::<2>::from_data(TensorData::new(x, [1, 784]), &d);
-        let burn: Vec<f32> = model.forward(input).into_data().try_to_vec::<f32>().unwrap();
+        let burn: Vec<f32> = model
+            .forward(input)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
         for (a, b) in ours.iter().zip(&burn) {
             assert!((a - b).abs() < 1e-4, "{ours:?} vs {burn:?}");
         }

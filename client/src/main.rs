@@ -133,10 +133,14 @@ fn parse_partition(p: &str) -> anyhow::Result<(usize, usize)> {
         .split_once('/')
         .with_context(|| format!("--partition {p:?}: expected INDEX/COUNT, e.g. 3/10"))?;
     let i: usize = i.trim().parse().map_err(|_| {
-        anyhow::anyhow!("--partition {p:?}: INDEX {i:?} is not a whole number (expected INDEX/COUNT, e.g. 3/10)")
+        anyhow::anyhow!(
+            "--partition {p:?}: INDEX {i:?} is not a whole number (expected INDEX/COUNT, e.g. 3/10)"
+        )
     })?;
     let n: usize = n.trim().parse().map_err(|_| {
-        anyhow::anyhow!("--partition {p:?}: COUNT {n:?} is not a whole number (expected INDEX/COUNT, e.g. 3/10)")
+        anyhow::anyhow!(
+            "--partition {p:?}: COUNT {n:?} is not a whole number (expected INDEX/COUNT, e.g. 3/10)"
+        )
     })?;
     anyhow::ensure!(
         i < n,

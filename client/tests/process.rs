@@ -38,7 +38,9 @@ fn free_port() -> u16 {
 /// The client binary with its log (standard error) in `log`.
 fn spawn_client(dir: &Path, server: &str, extra: &[&str], log: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_flotilla-client"))
-        .args(["--server", server, "--id", "c1", "--data", "bundled", "--model", "2nn"])
+        .args([
+            "--server", server, "--id", "c1", "--data", "bundled", "--model", "2nn",
+        ])
         .arg("--pki")
         .arg(dir.join("pki"))
         .args(extra)
@@ -161,7 +163,10 @@ fn user_errors_are_one_line_without_backtrace() {
         let err = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(lines.len(), 1, "{args:?}: {err}");
-        assert!(lines[0].starts_with("error: ") && lines[0].contains(expect), "{err}");
+        assert!(
+            lines[0].starts_with("error: ") && lines[0].contains(expect),
+            "{err}"
+        );
         assert!(!err.contains("backtrace"), "{err}");
     }
     // An address without a port is refused by the argument parser, naming the form.

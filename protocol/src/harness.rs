@@ -662,7 +662,9 @@ impl Harness {
         self.events
             .iter()
             .filter_map(|(_, e)| match e {
-                Event::ClientDropped { client, reason, .. } => Some((client.clone(), reason.clone())),
+                Event::ClientDropped { client, reason, .. } => {
+                    Some((client.clone(), reason.clone()))
+                }
                 _ => None,
             })
             .collect()

@@ -253,9 +253,7 @@ pub fn endpoint(config: &ServerConfig) -> Result<quinn::Endpoint, Error> {
     let identity = Identity::load(&config.tls.cert, &config.tls.key)?;
     let mut ec = quinn::EndpointConfig::new(Arc::new(tls::stateless_reset_key(&identity)?));
     let cid_key = tls::connection_id_key(&identity)?;
-    ec.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-    });
+    ec.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
     let io = |source| Error::Io {
         path: format!("udp://{}", config.listen).into(),
         source,
@@ -1140,7 +1138,12 @@ async fn run(
     for w in std::mem::take(&mut central.writers) {
         let _ = tokio::time::timeout_at(flush_by, w).await;
     }
-    telemetry.sent(central.sent.load(Ordering::Relaxed).saturating_sub(sent_counted));
+    telemetry.sent(
+        central
+            .sent
+            .load(Ordering::Relaxed)
+            .saturating_sub(sent_counted),
+    );
     endpoint.close(0u32.into(), b"server done");
     let _ = tokio::time::timeout(Duration::from_millis(700), endpoint.wait_idle()).await;
     Ok(RunSummary {

@@ -337,7 +337,11 @@ impl Telemetry {
             "Rounds aborted (model unchanged)",
             t.rounds_aborted.clone(),
         );
-        registry.register("round", "The current (or last) round", t.current_round.clone());
+        registry.register(
+            "round",
+            "The current (or last) round",
+            t.current_round.clone(),
+        );
         registry.register_with_unit(
             "round_duration",
             "Wall time of completed and aborted rounds",
@@ -390,9 +394,7 @@ impl Telemetry {
         );
         // Every label value exists from the start (a counter at 0 is information).
         for k in DropKind::ALL {
-            let _ = t.drops.get_or_create(&ReasonLabel {
-                reason: k.as_str(),
-            });
+            let _ = t.drops.get_or_create(&ReasonLabel { reason: k.as_str() });
         }
         Self { registry, ..t }
     }

@@ -99,6 +99,14 @@ fn python_with_numpy() -> String {
 fn exported_models_load_in_pytorch_as_they_are() {
     let dir = tempfile::tempdir().unwrap();
     let device = Device::flex();
-    check(seeded(&device, 1, |d| Cnn::new(28, 10, d)), "cnn", dir.path());
-    check(seeded(&device, 2, |d| Mlp2nn::new(784, 10, d)), "2nn", dir.path());
+    check(
+        seeded(&device, 1, |d| Cnn::new(28, 10, d)),
+        "cnn",
+        dir.path(),
+    );
+    check(
+        seeded(&device, 2, |d| Mlp2nn::new(784, 10, d)),
+        "2nn",
+        dir.path(),
+    );
 }

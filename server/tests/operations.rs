@@ -20,7 +20,10 @@ fn signal(child: &Child, sig: Signal) {
 }
 
 /// Waits for `child` to exit; its status and how long that took, or `None` after `within`.
-async fn exit_within(child: &mut Child, within: Duration) -> Option<(std::process::ExitStatus, Duration)> {
+async fn exit_within(
+    child: &mut Child,
+    within: Duration,
+) -> Option<(std::process::ExitStatus, Duration)> {
     let start = Instant::now();
     while start.elapsed() < within {
         if let Some(s) = child.try_wait().unwrap() {
@@ -55,12 +58,38 @@ async fn sigterm_stops_the_server_within_3s_and_the_log_says_what_it_waits_for()
     cfg.rounds.min_available_clients = 3;
     let mut server = ServerProcess::spawn(cfg, dir.path());
     wait_listening(&pki, server.addr).await;
-    let line = log_line(&server.log, "waiting for 3 eligible clients", Duration::from_secs(10)).await;
+    let line = log_line(
+        &server.log,
+        "waiting for 3 eligible clients",
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(line.contains("have 0 eligible of 0 enrolled"), "{line}");
     // Two of the three clients: the log says how many it has.
-    let (_c1, _s1) = good_client(&pki, "c1", server.addr, Delta { n: 1000, pause: Duration::ZERO });
-    let (_c2, _s2) = good_client(&pki, "c2", server.addr, Delta { n: 1000, pause: Duration::ZERO });
-    log_line(&server.log, "have 2 eligible of 2 enrolled", Duration::from_secs(10)).await;
+    let (_c1, _s1) = good_client(
+        &pki,
+        "c1",
+        server.addr,
+        Delta {
+            n: 1000,
+            pause: Duration::ZERO,
+        },
+    );
+    let (_c2, _s2) = good_client(
+        &pki,
+        "c2",
+        server.addr,
+        Delta {
+            n: 1000,
+            pause: Duration::ZERO,
+        },
+    );
+    log_line(
+        &server.log,
+        "have 2 eligible of 2 enrolled",
+        Duration::from_secs(10),
+    )
+    .await;
 
     signal(&server.child, Signal::TERM);
     let (status, took) = exit_within(&mut server.child, Duration::from_secs(3))
@@ -79,10 +108,18 @@ async fn sigterm_mid_round_with_a_training_client_stops_the_server_within_3s() {
     let mut server = ServerProcess::spawn(cfg, dir.path());
     wait_listening(&pki, server.addr).await;
     // Both train for a long time: the round is in flight when the signal comes.
-    let slow = Delta { n: 1000, pause: Duration::from_secs(30) };
+    let slow = Delta {
+        n: 1000,
+        pause: Duration::from_secs(30),
+    };
     let (_c1, _s1) = good_client(&pki, "c1", server.addr, slow.clone());
     let (_c2, _s2) = good_client(&pki, "c2", server.addr, slow);
-    log_line(&server.log, "round 1: 2 clients training", Duration::from_secs(10)).await;
+    log_line(
+        &server.log,
+        "round 1: 2 clients training",
+        Duration::from_secs(10),
+    )
+    .await;
     signal(&server.child, Signal::TERM);
     let (status, _) = exit_within(&mut server.child, Duration::from_secs(3))
         .await
@@ -101,10 +138,21 @@ async fn a_round_line_names_each_failed_client_and_why() {
     cfg.strategy.min_train_clients = 3;
     let server = ServerProcess::spawn(cfg, dir.path());
     wait_listening(&pki, server.addr).await;
-    let fast = Delta { n: 100, pause: Duration::ZERO };
+    let fast = Delta {
+        n: 100,
+        pause: Duration::ZERO,
+    };
     let (_a, _sa) = good_client(&pki, "fast1", server.addr, fast.clone());
     let (_b, _sb) = good_client(&pki, "fast2", server.addr, fast);
-    let (_c, _sc) = good_client(&pki, "slow", server.addr, Delta { n: 100, pause: Duration::from_secs(10) });
+    let (_c, _sc) = good_client(
+        &pki,
+        "slow",
+        server.addr,
+        Delta {
+            n: 100,
+            pause: Duration::from_secs(10),
+        },
+    );
     let line = log_line(&server.log, "round 1 done", Duration::from_secs(20)).await;
     assert!(
         line.contains("2/3 results; 1 failure: slow (no answer before the deadline)"),
@@ -117,7 +165,11 @@ async fn json_logs_are_one_object_per_line() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path(), &[]);
     let mut cfg = config(&pki, dir.path(), 10);
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     cfg.listen = SocketAddr::from(([127, 0, 0, 1], port));
     let path = dir.path().join("server.toml");
     std::fs::write(&path, toml::to_string(&cfg).unwrap()).unwrap();
@@ -132,7 +184,9 @@ async fn json_logs_are_one_object_per_line() {
         .unwrap();
     log_line(&log, "waiting for", Duration::from_secs(10)).await;
     signal(&child, Signal::TERM);
-    let (status, _) = exit_within(&mut child, Duration::from_secs(3)).await.unwrap();
+    let (status, _) = exit_within(&mut child, Duration::from_secs(3))
+        .await
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text.lines().collect();
@@ -140,7 +194,10 @@ async fn json_logs_are_one_object_per_line() {
     for l in lines {
         let v: serde_json::Value =
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
-        assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{l}");
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{l}"
+        );
     }
 }
 
@@ -157,7 +214,10 @@ fn a_user_error_is_one_line_without_backtrace() {
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].starts_with("error: ") && lines[0].contains("missing.toml"), "{err}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains("missing.toml"),
+        "{err}"
+    );
     assert!(!err.contains("backtrace"), "{err}");
 }
 
@@ -173,9 +233,30 @@ async fn clients_are_back_within_seconds_after_the_server_is_killed_and_restarte
     let first = ServerProcess::spawn(cfg.clone(), dir.path());
     wait_listening(&pki, first.addr).await;
     let addr = first.addr;
-    let (_c1, _s1) = good_client(&pki, "c1", addr, Delta { n: 100, pause: Duration::ZERO });
-    let (_c2, _s2) = good_client(&pki, "c2", addr, Delta { n: 100, pause: Duration::ZERO });
-    log_line(&first.log, "have 2 eligible of 2 enrolled", Duration::from_secs(10)).await;
+    let (_c1, _s1) = good_client(
+        &pki,
+        "c1",
+        addr,
+        Delta {
+            n: 100,
+            pause: Duration::ZERO,
+        },
+    );
+    let (_c2, _s2) = good_client(
+        &pki,
+        "c2",
+        addr,
+        Delta {
+            n: 100,
+            pause: Duration::ZERO,
+        },
+    );
+    log_line(
+        &first.log,
+        "have 2 eligible of 2 enrolled",
+        Duration::from_secs(10),
+    )
+    .await;
     drop(first); // SIGKILL
     // The same configuration, address and key: a new process.
     let second_dir = dir.path().join("second");
@@ -184,7 +265,12 @@ async fn clients_are_back_within_seconds_after_the_server_is_killed_and_restarte
     cfg2.listen = addr;
     let second = ServerProcess::spawn_at(cfg2, &second_dir);
     let restarted = Instant::now();
-    log_line(&second.log, "have 2 eligible of 2 enrolled", Duration::from_secs(15)).await;
+    log_line(
+        &second.log,
+        "have 2 eligible of 2 enrolled",
+        Duration::from_secs(15),
+    )
+    .await;
     let took = restarted.elapsed();
     eprintln!("both clients enrolled again {took:?} after the restart");
     assert!(took < Duration::from_secs(15));
@@ -193,7 +279,10 @@ async fn clients_are_back_within_seconds_after_the_server_is_killed_and_restarte
 /// Runs one client with `options` against a live in-process server; its error.
 async fn client_error(options: ClientOptions) -> flotilla_client::Error {
     let (_stop, rx) = watch::channel(false);
-    let t = Delta { n: 10, pause: Duration::ZERO };
+    let t = Delta {
+        n: 10,
+        pause: Duration::ZERO,
+    };
     match tokio::time::timeout(Duration::from_secs(20), run_client(options, t, rx)).await {
         Ok(Err(e)) => e,
         Ok(Ok(_)) => panic!("the client was accepted"),
@@ -217,8 +306,14 @@ async fn a_refused_certificate_says_which_side_refused_which() {
     o.max_attempts = Some(2);
     let e = client_error(o).await;
     let text = e.to_string();
-    assert!(matches!(e, flotilla_client::Error::UntrustedServer(_)), "{e:?}");
-    assert!(text.contains("not trusted") && text.contains("UnknownIssuer") && text.contains("CA"), "{text}");
+    assert!(
+        matches!(e, flotilla_client::Error::UntrustedServer(_)),
+        "{e:?}"
+    );
+    assert!(
+        text.contains("not trusted") && text.contains("UnknownIssuer") && text.contains("CA"),
+        "{text}"
+    );
 
     // The server's certificate is not for the name we ask for.
     let mut o = options(&pki, "c1", addr);
@@ -226,8 +321,14 @@ async fn a_refused_certificate_says_which_side_refused_which() {
     o.max_attempts = Some(2);
     let e = client_error(o).await;
     let text = e.to_string();
-    assert!(matches!(e, flotilla_client::Error::UntrustedServer(_)), "{e:?}");
-    assert!(text.contains("fl.example.org") && text.contains("--server-name"), "{text}");
+    assert!(
+        matches!(e, flotilla_client::Error::UntrustedServer(_)),
+        "{e:?}"
+    );
+    assert!(
+        text.contains("fl.example.org") && text.contains("--server-name"),
+        "{text}"
+    );
 
     // Our certificate is from another CA: the server refuses it.
     let mut o = options(&pki, "c1", addr);
@@ -236,7 +337,10 @@ async fn a_refused_certificate_says_which_side_refused_which() {
     let e = client_error(o).await;
     let text = e.to_string();
     assert!(matches!(e, flotilla_client::Error::Refused(_)), "{e:?}");
-    assert!(text.contains("the server refused our certificate"), "{text}");
+    assert!(
+        text.contains("the server refused our certificate"),
+        "{text}"
+    );
     server.shutdown();
     server.join().await.unwrap();
 }
@@ -244,7 +348,11 @@ async fn a_refused_certificate_says_which_side_refused_which() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_with_no_server_gives_up_each_attempt_within_the_connect_timeout() {
     // Nothing listens: each attempt ends at the connect timeout (not the 60 s idle timeout).
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path(), &["c1"]);
     let mut o = options(&pki, "c1", SocketAddr::from(([127, 0, 0, 1], port)));
@@ -263,9 +371,11 @@ async fn a_client_with_no_server_gives_up_each_attempt_within_the_connect_timeou
 async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
         .await
@@ -284,8 +394,15 @@ fn samples(exposition: &str) -> std::collections::BTreeMap<String, f64> {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| {
-            let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {l:?}"));
-            (name.to_string(), value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {l:?}")))
+            let (name, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad sample line {l:?}"));
+            (
+                name.to_string(),
+                value
+                    .parse::<f64>()
+                    .unwrap_or_else(|_| panic!("bad value in {l:?}")),
+            )
         })
         .collect()
 }
@@ -307,7 +424,10 @@ async fn the_metrics_endpoint_counts_a_three_round_run() {
     assert_eq!((code, body.as_str()), (200, "ready\n"));
     let (code, _) = http_get(ops, "/healthz").await;
     assert_eq!(code, 200);
-    let fast = Delta { n: N, pause: Duration::ZERO };
+    let fast = Delta {
+        n: N,
+        pause: Duration::ZERO,
+    };
     let (c1, _s1) = good_client(&pki, "c1", server.local_addr, fast.clone());
     let (c2, _s2) = good_client(&pki, "c2", server.local_addr, fast);
     let summary = server.join().await.unwrap();
@@ -316,7 +436,10 @@ async fn the_metrics_endpoint_counts_a_three_round_run() {
 
     let (code, text) = http_get(ops, "/metrics").await;
     assert_eq!(code, 200);
-    assert!(text.trim_end().ends_with("# EOF"), "not OpenMetrics: {text}");
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "not OpenMetrics: {text}"
+    );
     for family in [
         "flotilla_rounds_completed",
         "flotilla_round_duration_seconds",
@@ -326,7 +449,10 @@ async fn the_metrics_endpoint_counts_a_three_round_run() {
         "flotilla_checkpoint_write_seconds",
         "flotilla_privacy_epsilon",
     ] {
-        assert!(text.contains(&format!("# TYPE {family} ")), "no {family}:\n{text}");
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "no {family}:\n{text}"
+        );
     }
     let m = samples(&text);
     let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no sample {k}:\n{text}"));
@@ -334,15 +460,33 @@ async fn the_metrics_endpoint_counts_a_three_round_run() {
     assert_eq!(get("flotilla_rounds_aborted_total"), 0.0);
     assert_eq!(get("flotilla_round_duration_seconds_count"), 3.0);
     assert_eq!(get("flotilla_checkpoint_write_seconds_count"), 3.0);
-    assert_eq!(get("flotilla_round_phase_duration_seconds_count{phase=\"train\"}"), 3.0);
-    assert_eq!(get("flotilla_round_phase_duration_seconds_count{phase=\"evaluate\"}"), 3.0);
-    assert_eq!(get("flotilla_client_drops_total{reason=\"malformed\"}"), 0.0);
+    assert_eq!(
+        get("flotilla_round_phase_duration_seconds_count{phase=\"train\"}"),
+        3.0
+    );
+    assert_eq!(
+        get("flotilla_round_phase_duration_seconds_count{phase=\"evaluate\"}"),
+        3.0
+    );
+    assert_eq!(
+        get("flotilla_client_drops_total{reason=\"malformed\"}"),
+        0.0
+    );
     assert_eq!(get("flotilla_round"), 3.0);
     let model_bytes = (N * 4) as f64;
     // Each round: both clients upload a model and download one (twice: train, evaluate).
-    assert!(get("flotilla_received_bytes_total") > model_bytes * 2.0 * 3.0, "{text}");
-    assert!(get("flotilla_sent_bytes_total") > model_bytes * 2.0 * 3.0, "{text}");
-    assert_eq!(get("flotilla_received_bytes_total"), summary.bytes_received as f64);
+    assert!(
+        get("flotilla_received_bytes_total") > model_bytes * 2.0 * 3.0,
+        "{text}"
+    );
+    assert!(
+        get("flotilla_sent_bytes_total") > model_bytes * 2.0 * 3.0,
+        "{text}"
+    );
+    assert_eq!(
+        get("flotilla_received_bytes_total"),
+        summary.bytes_received as f64
+    );
     assert_eq!(get("flotilla_sent_bytes_total"), summary.bytes_sent as f64);
 
     // Every metric the Grafana dashboard in the repository queries exists.
@@ -388,11 +532,17 @@ fn chromium() -> String {
         return p;
     }
     for p in ["chromium", "chromium-browser", "google-chrome"] {
-        if Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        if Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
             return p.into();
         }
     }
-    panic!("no Chromium to test the dashboard with (apt install chromium, or set FLOTILLA_CHROMIUM)");
+    panic!(
+        "no Chromium to test the dashboard with (apt install chromium, or set FLOTILLA_CHROMIUM)"
+    );
 }
 
 /// Loads the dashboard in headless Chromium during a run; the rendered DOM (after its
@@ -415,9 +565,18 @@ fn render_dashboard(url: &str, shot: &Path) -> String {
         .arg(url)
         .output()
         .unwrap();
-    assert!(dom.status.success(), "{}", String::from_utf8_lossy(&dom.stderr));
+    assert!(
+        dom.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
     let shot_arg = format!("--screenshot={}", shot.display());
-    let s = Command::new(&browser).args(common).arg(shot_arg).arg(url).output().unwrap();
+    let s = Command::new(&browser)
+        .args(common)
+        .arg(shot_arg)
+        .arg(url)
+        .output()
+        .unwrap();
     assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
     String::from_utf8_lossy(&dom.stdout).to_string()
 }
@@ -425,7 +584,9 @@ fn render_dashboard(url: &str, shot: &Path) -> String {
 /// The text of the element with `id` in a dumped DOM.
 fn element_text<'a>(dom: &'a str, id: &str) -> &'a str {
     let open = format!("id=\"{id}\"");
-    let at = dom.find(&open).unwrap_or_else(|| panic!("no #{id} in the page"));
+    let at = dom
+        .find(&open)
+        .unwrap_or_else(|| panic!("no #{id} in the page"));
     let rest = &dom[at..];
     let start = rest.find('>').unwrap() + 1;
     let end = rest[start..].find('<').unwrap();
@@ -435,12 +596,17 @@ fn element_text<'a>(dom: &'a str, id: &str) -> &'a str {
 /// An attribute of the element with `id`.
 fn element_attr<'a>(dom: &'a str, id: &str, attr: &str) -> &'a str {
     let open = format!("id=\"{id}\"");
-    let at = dom.find(&open).unwrap_or_else(|| panic!("no #{id} in the page"));
+    let at = dom
+        .find(&open)
+        .unwrap_or_else(|| panic!("no #{id} in the page"));
     let tag_start = dom[..at].rfind('<').unwrap();
     let tag_end = at + dom[at..].find('>').unwrap();
     let tag = &dom[tag_start..tag_end];
     let key = format!("{attr}=\"");
-    let v = tag.find(&key).unwrap_or_else(|| panic!("#{id} has no {attr}: {tag}")) + key.len();
+    let v = tag
+        .find(&key)
+        .unwrap_or_else(|| panic!("#{id} has no {attr}: {tag}"))
+        + key.len();
     &tag[v..v + tag[v..].find('"').unwrap()]
 }
 
@@ -452,12 +618,18 @@ async fn the_dashboard_renders_the_live_run_in_chromium() {
     cfg.rounds.num_rounds = 1000;
     let server = flotilla_server::start(cfg, None).unwrap();
     let url = format!("http://{}/", server.ops_addr.unwrap());
-    let paced = Delta { n: 1000, pause: Duration::from_millis(100) };
+    let paced = Delta {
+        n: 1000,
+        pause: Duration::from_millis(100),
+    };
     let (_c1, _s1) = good_client(&pki, "c1", server.local_addr, paced.clone());
     let (_c2, _s2) = good_client(&pki, "c2", server.local_addr, paced);
     let start = Instant::now();
     while server.telemetry.status().rounds_completed < 3 {
-        assert!(start.elapsed() < Duration::from_secs(60), "3 rounds took too long");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "3 rounds took too long"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let before = server.telemetry.status().rounds_completed;
@@ -473,9 +645,15 @@ async fn the_dashboard_renders_the_live_run_in_chromium() {
     std::fs::write(artifacts.join("dashboard.html"), &dom).unwrap();
     eprintln!("dashboard screenshot: {}", shot.display());
 
-    assert!(dom.contains("data-loaded=\"true\""), "the page's script did not render:\n{dom}");
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "the page's script did not render:\n{dom}"
+    );
     let shown: u64 = element_text(&dom, "rounds-completed").parse().unwrap();
-    assert!((before..=after).contains(&shown), "rendered {shown}, server had {before}..{after}");
+    assert!(
+        (before..=after).contains(&shown),
+        "rendered {shown}, server had {before}..{after}"
+    );
     assert_eq!(element_text(&dom, "clients-enrolled"), "2");
     assert_eq!(element_text(&dom, "accuracy"), "0.5000");
     // The chart has one point per completed round, on both lines.
@@ -484,7 +662,11 @@ async fn the_dashboard_renders_the_live_run_in_chromium() {
     let acc = element_attr(&dom, "acc-line", "points");
     assert_eq!(acc.split_whitespace().count() as u64, points, "{acc}");
     let png = std::fs::read(&shot).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "{} bytes", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
 }
 
 /// As a container runs it: uid 65534, the root filesystem read-only, only the checkpoint
@@ -503,12 +685,23 @@ async fn the_server_runs_unprivileged_on_a_read_only_root_filesystem() {
     let mut cfg = config(&pki, dir.path(), 100);
     cfg.checkpoint_dir = volume.join("checkpoints");
     cfg.rounds.num_rounds = 1000;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     cfg.listen = SocketAddr::from(([127, 0, 0, 1], port));
     let cfg_path = dir.path().join("server.toml");
     std::fs::write(&cfg_path, toml::to_string(&cfg).unwrap()).unwrap();
     // The unprivileged user reads the configuration and the PKI and owns the volume.
-    assert!(Command::new("chown").args(["-R", "65534:65534"]).arg(dir.path()).status().unwrap().success());
+    assert!(
+        Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(dir.path())
+            .status()
+            .unwrap()
+            .success()
+    );
     let log = dir.path().join("server.log");
     let script = r#"
         mount --bind "$VOLUME" "$VOLUME"
@@ -529,21 +722,38 @@ async fn the_server_runs_unprivileged_on_a_read_only_root_filesystem() {
     wait_listening(&pki, cfg.listen).await;
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(uid.split_whitespace().skip(1).all(|u| u == "65534"), "{uid}");
-    let fast = Delta { n: 100, pause: Duration::ZERO };
+    assert!(
+        uid.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid}"
+    );
+    let fast = Delta {
+        n: 100,
+        pause: Duration::ZERO,
+    };
     let (_c1, _s1) = good_client(&pki, "c1", cfg.listen, fast.clone());
     let (_c2, _s2) = good_client(&pki, "c2", cfg.listen, fast);
     log_line(&log, "round 2 done", Duration::from_secs(30)).await;
     let written = std::fs::read_dir(&cfg.checkpoint_dir)
         .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".ckpt"))
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".ckpt")
+        })
         .count();
     assert!(written >= 1, "no checkpoint written in the volume");
     signal(&child, Signal::TERM);
     let (st, _) = exit_within(&mut child, Duration::from_secs(3))
         .await
         .expect("no exit within 3 s of SIGTERM");
-    assert_eq!(st.code(), Some(0), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert_eq!(
+        st.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -569,11 +779,22 @@ async fn the_metrics_time_each_stage_of_a_secure_round() {
         let mut o = options(&pki, id, server.local_addr);
         o.secure_aggregation = true;
         let (stop, rx) = watch::channel(false);
-        tokio::spawn(run_client(o, Delta { n: 1000, pause: Duration::ZERO }, rx));
+        tokio::spawn(run_client(
+            o,
+            Delta {
+                n: 1000,
+                pause: Duration::ZERO,
+            },
+            rx,
+        ));
         stops.push(stop);
     }
     let summary = server.join().await.unwrap();
-    assert!(summary.history[0].aborted.is_none(), "{:?}", summary.history[0]);
+    assert!(
+        summary.history[0].aborted.is_none(),
+        "{:?}",
+        summary.history[0]
+    );
     assert!(summary.history[0].secagg.is_some());
     let (_, text) = http_get(ops, "/metrics").await;
     let m = samples(&text);

@@ -37,7 +37,7 @@ use serde::Serialize;
 
 /// Rounds kept for the dashboard's chart (the newest).
 pub const MAX_ROUND_POINTS: usize = 10_000;
-/// Concurrent HTTP requests served; more wait (the listener's backlog) .
+/// Concurrent HTTP requests served; more wait in the listener's backlog.
 pub const MAX_HTTP_REQUESTS: usize = 16;
 /// Longest time one HTTP request may take.
 pub const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

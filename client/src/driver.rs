@@ -495,10 +495,23 @@ async fn drive<T: Trainer + 'static>(
     let writer_conn = conn.clone();
     let writer = tokio::spawn(async move {
         while let Some(m) = out_rx.recv().await {
-            if let Err(e) = send_message_timed(&writer_conn, &m, &deadline).await {
-                debug!("send failed: {e}");
-                writer_conn.close(close::TOO_SLOW.into(), b"send deadline missed");
-                return;
+            match send_message_timed(&writer_conn, &m, &deadline).await {
+                Ok(_) => {}
+                Err(e @ flotilla_protocol::Error::Timeout { .. }) => {
+                    debug!("send failed: {e}");
+                    writer_conn.close(close::TOO_SLOW.into(), b"send deadline missed");
+                    return;
+                }
+                Err(e) => {
+                    // Most often the server closed the connection (it refused our certificate,
+                    // or restarted). Closing it here would replace the server's reason, which
+                    // the session reads to tell the user why, by our own.
+                    debug!("send failed: {e}");
+                    if writer_conn.close_reason().is_none() {
+                        writer_conn.close(close::DONE.into(), b"send failed");
+                    }
+                    return;
+                }
             }
         }
     });

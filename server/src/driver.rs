@@ -643,19 +643,26 @@ async fn writer(
                 return;
             }
             Err(e) => {
-                // The connection broke, or (a bug of ours) the message could not be encoded.
-                warn!(
-                    "sending a {} failed: {e}; closing the connection",
-                    msg.kind()
-                );
-                conn.close(close::DONE.into(), b"send failed");
+                // The connection broke (the client's close reason is kept: closing it again
+                // would replace it), or (a bug of ours) the message could not be encoded.
+                if conn.close_reason().is_none() {
+                    warn!(
+                        "sending a {} failed: {e}; closing the connection",
+                        msg.kind()
+                    );
+                    conn.close(close::DONE.into(), b"send failed");
+                } else {
+                    debug!("sending a {} failed: {e}", msg.kind());
+                }
                 return;
             }
         }
     }
     // Give the peer a moment to read what was sent (an Abort telling it why) before closing.
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-    conn.close(close::DONE.into(), b"bye");
+    if conn.close_reason().is_none() {
+        conn.close(close::DONE.into(), b"bye");
+    }
 }
 
 /// Closes a connection after a short grace (time for a queued Abort to leave), whatever its
@@ -878,6 +885,16 @@ async fn run(
         let refused_now = admission.refused_handshakes.load(Ordering::Relaxed);
         telemetry.refused_handshakes(refused_now.saturating_sub(refused_counted));
         refused_counted = refused_now;
+        // The connection tasks bound payloads by the model: they must know it before any
+        // client is sent work it will answer with one (a Train sent before this, answered
+        // quickly, was read as an unexpected payload and its sender dropped).
+        let mut model_from = None;
+        if let Ok(mut g) = gate.write() {
+            g.manifest = central.coord.global().map(|p| p.manifest().clone());
+            if g.manifest.is_some() {
+                model_from = g.asked.take();
+            }
+        }
         // Route everything the coordinator wants done.
         let mut finished = false;
         let mut too_slow = Vec::new();
@@ -994,8 +1011,7 @@ async fn run(
                 }
                 Event::Finished => finished = true,
                 Event::ModelInitialized => {
-                    let from = gate.read().ok().and_then(|g| g.asked.clone());
-                    if let (Some(g), Some(from)) = (central.coord.global(), from) {
+                    if let (Some(g), Some(from)) = (central.coord.global(), &model_from) {
                         info!(
                             "initial model taken from client {from}: {}",
                             ModelSummary::of(g.manifest())
@@ -1018,12 +1034,6 @@ async fn run(
                         params: params.clone(),
                     });
                 }
-            }
-        }
-        if let Ok(mut g) = gate.write() {
-            g.manifest = central.coord.global().map(|p| p.manifest().clone());
-            if g.manifest.is_some() {
-                g.asked = None;
             }
         }
         if finished {

@@ -30,6 +30,17 @@ use flotilla_server::{RunSummary, ServerConfig};
 use flotilla_sim::federation::{client_options, make_pki, server_config};
 use tokio::sync::{mpsc, watch};
 
+/// Logs to the test's output when `FLOTILLA_TEST_LOG` is set (e.g. `debug`): shown for failed
+/// tests only, as the harness captures it.
+fn logs() {
+    if let Ok(filter) = std::env::var("FLOTILLA_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// A fast, deterministic trainer: model + delta (optionally taking some time).
 #[derive(Debug, Clone)]
 struct Delta(f32, Duration);
@@ -547,6 +558,7 @@ async fn evil_client(pki: PkiDir, id: String, addr: SocketAddr, how: Evil) {
 }
 
 async fn run_with_evil(how: Evil, timeout_secs: f64) -> (RunSummary, Vec<(String, String)>) {
+    logs();
     let dir = tempfile::tempdir().unwrap();
     let (pki, ids) = make_pki(&dir.path().join("pki"), 4).unwrap();
     let mut config = base_config(&pki, dir.path(), 1, 4);
@@ -569,7 +581,12 @@ async fn run_with_evil(how: Evil, timeout_secs: f64) -> (RunSummary, Vec<(String
         }
     }
     for g in good {
-        g.await.unwrap().unwrap();
+        // A good client that missed the end of the run would retry for ever: bounded.
+        tokio::time::timeout(Duration::from_secs(30), g)
+            .await
+            .expect("a good client did not finish")
+            .unwrap()
+            .unwrap();
     }
     evil.abort();
     (summary, dropped)
@@ -607,7 +624,7 @@ async fn client_silent_mid_training_is_cut_at_the_deadline() {
     let started = std::time::Instant::now();
     let (summary, dropped) = run_with_evil(Evil::Silent, 3.0).await;
     let r = &summary.history[0];
-    assert!(r.aborted.is_none());
+    assert!(r.aborted.is_none(), "{r:?}");
     assert_eq!(r.results, 3);
     assert_eq!(r.failures.len(), 1);
     assert_eq!(r.failures[0].reason, FailureReason::Timeout);

@@ -10,7 +10,8 @@
 //! medians of `REPEATS` timed epochs over `N` bundled MNIST examples after a warm-up epoch;
 //! the PyTorch pass runs before and after the Burn passes and its two medians are averaged, so
 //! that a drift of this shared machine hits both sides alike. Environment: `FLOTILLA_BENCH_N`
-//! (default 500), `FLOTILLA_BENCH_REPEATS` (3).
+//! (default 500), `FLOTILLA_BENCH_REPEATS` (3), `FLOTILLA_BENCH_BACKENDS` (a comma-separated
+//! list of `--backend` names to run; default all built).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
@@ -112,10 +113,20 @@ fn pytorch(n: usize, repeats: usize) -> Result<(String, BTreeMap<u32, f64>), Str
 fn main() {
     let n = env_usize("FLOTILLA_BENCH_N", 500);
     let repeats = env_usize("FLOTILLA_BENCH_REPEATS", 3).max(1);
+    // FLOTILLA_BENCH_BACKENDS=cpu,libtorch,...: only these (default: every CPU backend built).
+    let only: Option<Vec<String>> = std::env::var("FLOTILLA_BENCH_BACKENDS")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
     let before = pytorch(n, repeats);
     let mut rows = Vec::new();
     for backend in BackendKind::ALL {
         if backend == BackendKind::Cuda {
+            continue;
+        }
+        if let Some(only) = &only
+            && !only.iter().any(|b| *b == backend.to_string())
+        {
+            println!("{backend}: skipped (FLOTILLA_BENCH_BACKENDS)");
             continue;
         }
         if !backend.compiled() {

@@ -110,6 +110,15 @@ fn spawn_client<T: Trainer + 'static>(
     tokio::spawn(flotilla_client::driver::run(o, trainer, stop))
 }
 
+/// A client's task, which must end soon after its server's run has: a client that missed the
+/// end of the run would retry for ever, and the test would hang instead of failing.
+async fn finished<T>(client: tokio::task::JoinHandle<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(30), client)
+        .await
+        .expect("a client did not finish after its server")
+        .unwrap()
+}
+
 async fn wait(server: flotilla_server::RunningServer) -> RunSummary {
     tokio::time::timeout(Duration::from_secs(300), server.wait())
         .await
@@ -210,7 +219,7 @@ async fn three_clients_two_rounds_with_burn() {
         "accuracy after 2 rounds on 3,000 examples: {acc}"
     );
     for h in handles {
-        let (_, stats) = h.await.unwrap().unwrap();
+        let (_, stats) = finished(h).await.unwrap();
         assert_eq!(stats.rounds_trained, 2);
         assert_eq!(stats.connections, 1);
     }
@@ -275,7 +284,7 @@ async fn a_client_with_the_wrong_model_is_refused_and_the_run_completes() {
     assert!(err.contains("199210 parameters"), "{err}");
     assert!(err.contains("1663370 parameters"), "{err}");
     for h in good {
-        let (_, stats) = h.await.unwrap().unwrap();
+        let (_, stats) = finished(h).await.unwrap();
         assert_eq!(stats.rounds_trained, 2);
     }
     // No checkpoint ever held the CNN.
@@ -388,7 +397,7 @@ async fn bad_certificates_are_refused_while_others_are_served() {
             .all(|r| r.aborted.is_none() && r.results == 4)
     );
     for h in good {
-        h.await.unwrap().unwrap();
+        finished(h).await.unwrap();
     }
 }
 
@@ -473,7 +482,7 @@ async fn killed_server_resumes_from_its_checkpoint() {
             .all(|&v| v.to_bits() == 4.0f32.to_bits())
     );
     for c in clients {
-        let (_, stats) = c.await.unwrap().unwrap();
+        let (_, stats) = finished(c).await.unwrap();
         assert!(stats.connections >= 2, "the client should have reconnected");
     }
 }
@@ -581,12 +590,7 @@ async fn run_with_evil(how: Evil, timeout_secs: f64) -> (RunSummary, Vec<(String
         }
     }
     for g in good {
-        // A good client that missed the end of the run would retry for ever: bounded.
-        tokio::time::timeout(Duration::from_secs(30), g)
-            .await
-            .expect("a good client did not finish")
-            .unwrap()
-            .unwrap();
+        finished(g).await.unwrap();
     }
     evil.abort();
     (summary, dropped)

@@ -23,7 +23,7 @@ use flotilla_client::data::{Split, bundled};
 use flotilla_client::{
     BackendKind, BurnTrainer, Cnn, LocalData, Module, Trainer, seeded, select_device,
 };
-use flotilla_protocol::messages::{BatchSize, Optimizer, TrainConfig};
+use flotilla_protocol::wire::messages::{BatchSize, Optimizer, TrainConfig};
 
 const BATCHES: [u32; 2] = [10, 50];
 

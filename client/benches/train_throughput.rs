@@ -23,7 +23,7 @@ use flotilla_client::trainer::make_batch;
 use flotilla_client::{
     BackendKind, BurnTrainer, Classifier, Cnn, LocalData, Mlp2nn, Trainer, select_device,
 };
-use flotilla_protocol::messages::{BatchSize, Optimizer, TrainConfig};
+use flotilla_protocol::wire::messages::{BatchSize, Optimizer, TrainConfig};
 
 const RUNS: usize = 5;
 

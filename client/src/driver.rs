@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use flotilla_crypto::pki::Identity;
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
 use flotilla_crypto::tls;
-use flotilla_protocol::codec::Limits;
-use flotilla_protocol::messages::{
-    AbortReason, Capabilities, EvaluateRes, Metrics, ModelSummary, TrainConfig, TrainRes,
-};
 use flotilla_protocol::quic::{IoDeadline, close, recv_message_timed, send_message_timed};
 use flotilla_protocol::secagg::{Randomness, SecAggIdentity};
+use flotilla_protocol::wire::codec::Limits;
+use flotilla_protocol::wire::messages::{
+    AbortReason, Capabilities, EvaluateRes, Metrics, ModelSummary, TrainConfig, TrainRes,
+};
 use flotilla_protocol::{Message, Params, Participant, ParticipantEvent};
 use rand::Rng;
 use rustls_pki_types::CertificateDer;
@@ -88,7 +88,7 @@ impl ClientOptions {
             max_attempts: None,
             connect_timeout: Duration::from_secs(5),
             enroll_timeout: Duration::from_secs(15),
-            max_model_bytes: flotilla_protocol::codec::DEFAULT_MAX_PAYLOAD_BYTES,
+            max_model_bytes: flotilla_protocol::wire::codec::DEFAULT_MAX_PAYLOAD_BYTES,
             io_deadline: IoDeadline::default(),
             capabilities: Capabilities {
                 backend: "cpu".into(),

@@ -16,7 +16,7 @@ use burn::module::Module;
 use burn::nn::loss::{CrossEntropyLoss, CrossEntropyLossConfig};
 use burn::optim::{AdamConfig, GradientsParams, SgdConfig, momentum::MomentumConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use flotilla_protocol::messages::{BatchSize, Metrics, Optimizer, TrainConfig};
+use flotilla_protocol::wire::messages::{BatchSize, Metrics, Optimizer, TrainConfig};
 use flotilla_protocol::{Manifest, Params};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;

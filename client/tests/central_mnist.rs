@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use flotilla_client::data::{Split, load_idx_dir};
 use flotilla_client::{BurnTrainer, Classifier, Cnn, Device, LocalData, Mlp2nn, Trainer, seeded};
-use flotilla_protocol::messages::{BatchSize, Optimizer, TrainConfig};
+use flotilla_protocol::wire::messages::{BatchSize, Optimizer, TrainConfig};
 
 fn mnist_dir() -> PathBuf {
     std::env::var_os("FLOTILLA_MNIST_DIR")

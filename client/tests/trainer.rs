@@ -7,7 +7,7 @@
 use burn::tensor::Device;
 use flotilla_client::data::{Split, bundled};
 use flotilla_client::{BurnTrainer, LocalData, Mlp2nn, Trainer};
-use flotilla_protocol::messages::{BatchSize, Optimizer, TrainConfig};
+use flotilla_protocol::wire::messages::{BatchSize, Optimizer, TrainConfig};
 use flotilla_protocol::{Manifest, Params, TensorSpec};
 
 fn trainer(n: usize) -> BurnTrainer<Mlp2nn> {

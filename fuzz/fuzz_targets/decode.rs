@@ -3,7 +3,7 @@
 //! both must agree.
 #![no_main]
 
-use flotilla_protocol::codec::{self, Decoded, FrameHeader, HEADER_LEN, Limits};
+use flotilla_protocol::wire::codec::{self, Decoded, FrameHeader, HEADER_LEN, Limits};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use flotilla_crypto::pki::{CertificateAuthority, Identity};
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
-use flotilla_protocol::messages::{Metrics, TrainRes};
 use flotilla_protocol::secagg::{
     ClientRound, Randomness, SecAggConfig, SecAggIdentity, ServerRound,
 };
 use flotilla_protocol::strategy::FailureReason;
+use flotilla_protocol::wire::messages::{Metrics, TrainRes};
 use flotilla_protocol::{ClientId, Manifest, Message, Params, TensorSpec};
 use rand::SeedableRng;
 use rand::seq::index::sample;

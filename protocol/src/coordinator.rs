@@ -26,17 +26,18 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::Error;
-use crate::dp::{ClientDp, DpConfig, DpMode, PrivacyReport};
-use crate::messages::{
-    AbortReason, Capabilities, ClientId, EvaluateIns, EvaluateRes, Message, Metrics, ModelSummary,
-    PROTOCOL_VERSION, TrainIns, TrainRes, Welcome,
-};
-use crate::params::Params;
+use crate::dp::{DpConfig, DpMode, PrivacyReport};
 use crate::secagg::{Handled, SecAggConfig, SecAggStats, ServerRound};
 use crate::strategy::{
     ClientInfo, ClientUpdate, EvalSummary, Failure, FailureReason, Strategy, TrainResults,
     weighted_train_metrics,
 };
+use crate::wire::config::ClientDp;
+use crate::wire::messages::{
+    AbortReason, Capabilities, ClientId, EvaluateIns, EvaluateRes, Message, Metrics, ModelSummary,
+    PROTOCOL_VERSION, TrainIns, TrainRes, Welcome,
+};
+use crate::wire::params::Params;
 use flotilla_crypto::dp::RdpAccountant;
 
 /// Configuration of the round machine.
@@ -1006,9 +1007,9 @@ impl Coordinator {
     fn fail(&mut self, now: Instant, client: &ClientId, reason: FailureReason) {
         // Reasons end up in round records and checkpoints: keep them short.
         let reason = match reason {
-            FailureReason::Invalid(s) => FailureReason::Invalid(crate::bounds::truncate(
+            FailureReason::Invalid(s) => FailureReason::Invalid(crate::wire::bounds::truncate(
                 &s,
-                crate::bounds::DEFAULT_MAX_TEXT_BYTES as usize,
+                crate::wire::bounds::DEFAULT_MAX_TEXT_BYTES as usize,
             )),
             other => other,
         };

@@ -1,7 +1,7 @@
 //! A deterministic harness that runs one [`Coordinator`] and many [`Participant`]s on a
 //! simulated clock, with in-memory queues in place of QUIC.
 //!
-//! Every message is really encoded with [`crate::codec`] and decoded on arrival, so faults can
+//! Every message is really encoded with [`crate::wire::codec`] and decoded on arrival, so faults can
 //! act on bytes: a [`Filter`] sees each message before it is sent and may drop, delay,
 //! duplicate, corrupt or replace it; any participant can be killed silently (a crash: the
 //! server only notices at its deadline) or disconnected (the server is told, as a closed QUIC
@@ -19,13 +19,13 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::codec::{self, Limits};
 use crate::coordinator::{Coordinator, Event};
-use crate::messages::{
+use crate::participant::{Participant, ParticipantEvent};
+use crate::wire::codec::{self, Limits};
+use crate::wire::messages::{
     Capabilities, ClientId, EvaluateRes, Message, Metrics, ModelSummary, TrainConfig, TrainRes,
 };
-use crate::params::Params;
-use crate::participant::{Participant, ParticipantEvent};
+use crate::wire::params::Params;
 
 /// Which way a message travels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

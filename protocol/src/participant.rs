@@ -10,12 +10,12 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::Error;
-use crate::messages::{
+use crate::secagg::{ClientRound, Randomness, SecAggIdentity};
+use crate::wire::messages::{
     AbortReason, Capabilities, ClientId, EvaluateRes, Hello, Message, PROTOCOL_VERSION,
     TrainConfig, TrainRes,
 };
-use crate::params::Params;
-use crate::secagg::{ClientRound, Randomness, SecAggIdentity};
+use crate::wire::params::Params;
 
 /// What the driver should do.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,7 +108,7 @@ pub struct Participant {
     secure: Option<ClientRound>,
     refusals: Vec<(u64, String)>,
     /// The open round's model and DP instructions, when client-side DP is on.
-    dp_task: Option<(u64, Params, crate::dp::ClientDp)>,
+    dp_task: Option<(u64, Params, crate::wire::config::ClientDp)>,
     state: State,
     client_id: Option<ClientId>,
     heartbeat: Option<Duration>,

@@ -8,9 +8,9 @@
 //! in the order they were sent.
 
 use crate::Error;
-use crate::codec::{self, DEFAULT_CHUNK_BYTES, Decoded, FrameHeader, HEADER_LEN, Limits};
-use crate::messages::Message;
-use crate::params::Manifest;
+use crate::wire::codec::{self, DEFAULT_CHUNK_BYTES, Decoded, FrameHeader, HEADER_LEN, Limits};
+use crate::wire::messages::Message;
+use crate::wire::params::Manifest;
 
 /// QUIC transport settings for Flotilla: windows sized for multi-megabyte models (16 MiB per
 /// stream, 64 MiB per connection), keep-alive every 5 s, idle timeout 60 s, uni streams only.

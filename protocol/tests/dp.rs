@@ -14,9 +14,9 @@ use flotilla_crypto::dp::RdpAccountant;
 use flotilla_protocol::coordinator::Event;
 use flotilla_protocol::dp::{DpConfig, DpMode};
 use flotilla_protocol::harness::{FixedDelta, Harness};
-use flotilla_protocol::messages::Capabilities;
 use flotilla_protocol::secagg::Randomness;
 use flotilla_protocol::strategy::Sampling;
+use flotilla_protocol::wire::messages::Capabilities;
 use flotilla_protocol::{
     ClientId, Coordinator, CoordinatorConfig, FedAvg, Manifest, Params, Participant, TensorSpec,
 };

@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use flotilla_protocol::coordinator::{CoordinatorConfig, Event};
 use flotilla_protocol::harness::{Action, FixedDelta, Harness};
-use flotilla_protocol::messages::ClientId;
 use flotilla_protocol::strategy::{FedAvg, Sampling};
+use flotilla_protocol::wire::messages::ClientId;
 use flotilla_protocol::{Coordinator, Manifest, Params, TensorSpec};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};

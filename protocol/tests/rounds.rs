@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use flotilla_protocol::coordinator::{CoordinatorConfig, Event};
 use flotilla_protocol::harness::{Action, Direction, FixedDelta, Harness};
-use flotilla_protocol::messages::{AbortReason, ClientId, Message, TrainRes};
 use flotilla_protocol::strategy::{FailureReason, FedAvg, Sampling};
+use flotilla_protocol::wire::messages::{AbortReason, ClientId, Message, TrainRes};
 use flotilla_protocol::{Coordinator, Manifest, Params, TensorSpec};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -430,7 +430,7 @@ fn nan_or_wrong_shape_updates_drop_the_sender() {
                 params: bad,
                 ..r.clone()
             });
-            return Action::Replace(flotilla_protocol::codec::encode_to_vec(&msg).unwrap());
+            return Action::Replace(flotilla_protocol::wire::codec::encode_to_vec(&msg).unwrap());
         }
         Action::Deliver
     }));
@@ -479,7 +479,7 @@ fn an_example_count_over_the_cap_drops_the_sender() {
                 return Action::Deliver;
             }
             return Action::Replace(
-                flotilla_protocol::codec::encode_to_vec(&Message::TrainResult(r)).unwrap(),
+                flotilla_protocol::wire::codec::encode_to_vec(&Message::TrainResult(r)).unwrap(),
             );
         }
         Action::Deliver

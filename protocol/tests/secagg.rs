@@ -18,15 +18,14 @@ use std::time::Duration;
 
 use flotilla_crypto::pki::{CertificateAuthority, Identity};
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
-use flotilla_protocol::codec;
 use flotilla_protocol::harness::{Action, ClientBehaviour, Direction, Harness};
-use flotilla_protocol::messages::{
+use flotilla_protocol::secagg::{Randomness, SecAggConfig, SecAggIdentity, encode_input};
+use flotilla_protocol::strategy::{ClientInfo, Failure, Sampling, Strategy, TrainResults};
+use flotilla_protocol::wire::codec;
+use flotilla_protocol::wire::config::SecAggSetup;
+use flotilla_protocol::wire::messages::{
     AbortReason, Capabilities, EvaluateRes, Message, Metrics, TrainConfig, TrainRes,
 };
-use flotilla_protocol::secagg::{
-    Randomness, SecAggConfig, SecAggIdentity, SecAggSetup, encode_input,
-};
-use flotilla_protocol::strategy::{ClientInfo, Failure, Sampling, Strategy, TrainResults};
 use flotilla_protocol::{
     ClientId, Coordinator, CoordinatorConfig, FedAvg, Manifest, Params, Participant, TensorSpec,
 };

@@ -99,7 +99,7 @@ pub fn write(dir: &Path, snapshot: &Snapshot, strategy: &str) -> Result<PathBuf,
     put(&mut w, &(header.len() as u32).to_le_bytes())?;
     put(&mut w, &header)?;
     for chunk in snapshot.global.values().chunks(64 * 1024) {
-        put(&mut w, &flotilla_protocol::codec::f32_le_bytes(chunk))?;
+        put(&mut w, &flotilla_protocol::wire::codec::f32_le_bytes(chunk))?;
     }
     for chunk in snapshot.strategy_state.chunks(1 << 20) {
         put(&mut w, chunk)?;
@@ -303,7 +303,7 @@ pub fn export_safetensors(params: &Params, path: &Path) -> Result<(), Error> {
     let mut views = Vec::new();
     for (spec, values) in params.tensors() {
         let shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
-        let bytes = flotilla_protocol::codec::f32_le_bytes(values);
+        let bytes = flotilla_protocol::wire::codec::f32_le_bytes(values);
         views.push((spec.name.clone(), shape, bytes));
     }
     let tensors: Result<Vec<(String, TensorView<'_>)>, _> = views
@@ -459,8 +459,8 @@ mod tests {
 
     #[test]
     fn a_50m_parameter_fedadam_checkpoint_resumes_at_its_round() {
-        use flotilla_protocol::messages::{ClientId, Metrics};
         use flotilla_protocol::strategy::{ClientUpdate, TrainResults};
+        use flotilla_protocol::wire::messages::{ClientId, Metrics};
         let dir = tempfile::tempdir().unwrap();
         let n = 50_000_000;
         let manifest = Manifest::new(vec![TensorSpec::new("w", &[n])]);

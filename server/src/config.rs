@@ -88,12 +88,12 @@ use std::time::Duration;
 use flotilla_crypto::dp::GaussianNoise;
 use flotilla_protocol::coordinator::CoordinatorConfig;
 use flotilla_protocol::dp::{DpConfig, DpMode, DpServer};
-use flotilla_protocol::messages::{BatchSize, Optimizer, TrainConfig};
 use flotilla_protocol::secagg::SecAggConfig;
-use flotilla_protocol::strategies::{
+use flotilla_protocol::strategy::{
     Bulyan, FedAvgM, FedMedian, FedOpt, FedProx, FedTrimmedAvg, Krum, QFedAvg, ServerOptimizer,
 };
 use flotilla_protocol::strategy::{FedAvg, Sampling, Strategy};
+use flotilla_protocol::wire::messages::{BatchSize, Optimizer, TrainConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
@@ -393,9 +393,9 @@ impl Default for LimitsConfig {
             send_queue: 32,
             replacements_per_minute: 3,
             live_connection_secs: 30.0,
-            max_metrics: flotilla_protocol::bounds::DEFAULT_MAX_METRICS,
-            max_metric_name_bytes: flotilla_protocol::bounds::DEFAULT_MAX_NAME_BYTES,
-            max_text_bytes: flotilla_protocol::bounds::DEFAULT_MAX_TEXT_BYTES,
+            max_metrics: flotilla_protocol::wire::bounds::DEFAULT_MAX_METRICS,
+            max_metric_name_bytes: flotilla_protocol::wire::bounds::DEFAULT_MAX_NAME_BYTES,
+            max_text_bytes: flotilla_protocol::wire::bounds::DEFAULT_MAX_TEXT_BYTES,
             crl_reload_secs: 30.0,
         }
     }
@@ -438,8 +438,8 @@ impl LimitsConfig {
     }
 
     /// The codec limits for messages from clients.
-    pub fn codec_limits(&self, max_payload_bytes: u64) -> flotilla_protocol::codec::Limits {
-        flotilla_protocol::codec::Limits {
+    pub fn codec_limits(&self, max_payload_bytes: u64) -> flotilla_protocol::wire::codec::Limits {
+        flotilla_protocol::wire::codec::Limits {
             max_payload_bytes,
             max_metrics: self.max_metrics,
             max_name_bytes: self.max_metric_name_bytes,

@@ -40,12 +40,12 @@ use flotilla_crypto::pki::{
     Identity, client_id_from_cert, crl_entries, load_certs, load_crls, serial_of,
 };
 use flotilla_crypto::tls;
-use flotilla_protocol::codec::Limits;
 use flotilla_protocol::coordinator::{Coordinator, Event, RoundRecord};
-use flotilla_protocol::messages::{AbortReason, ModelSummary};
 use flotilla_protocol::quic::{
     IoDeadline, close, recv_message_observed, recv_message_timed, send_message_timed,
 };
+use flotilla_protocol::wire::codec::Limits;
+use flotilla_protocol::wire::messages::{AbortReason, ModelSummary};
 use flotilla_protocol::{ClientId, Manifest, Message, Params};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{Notify, mpsc, watch};

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flotilla_protocol::ClientId;
 use flotilla_protocol::coordinator::{DropKind, Event, RoundRecord};
-use flotilla_protocol::messages::Message;
+use flotilla_protocol::wire::messages::Message;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

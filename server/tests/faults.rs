@@ -17,7 +17,7 @@
 mod common;
 
 use common::*;
-use flotilla_protocol::messages::{EvaluateRes, TrainRes};
+use flotilla_protocol::wire::messages::{EvaluateRes, TrainRes};
 
 /// A raw client that answers every round and, each time it is told to train round `r`,
 /// records whether round `r - 1`'s checkpoint was already on disk.
@@ -153,7 +153,7 @@ async fn a_client_uploading_slowly_is_not_dropped_as_idle() {
         metrics: Metrics::new(),
         params: train.model.clone(),
     });
-    let enc = flotilla_protocol::codec::encode(&result).unwrap();
+    let enc = flotilla_protocol::wire::codec::encode(&result).unwrap();
     let mut s = conn.open_uni().await.unwrap();
     s.write_all(&enc.head).await.unwrap();
     for chunk in enc.payload_chunks(16 * 1024) {

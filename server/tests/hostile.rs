@@ -165,7 +165,7 @@ async fn send_raw_abort(conn: &quinn::Connection, len: usize) -> bool {
         body.push(b | 0x80);
     }
     body.extend(std::iter::repeat_n(b'x', len));
-    let mut frame = vec![b'F', b'L', flotilla_protocol::codec::WIRE_VERSION, 0];
+    let mut frame = vec![b'F', b'L', flotilla_protocol::wire::codec::WIRE_VERSION, 0];
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
     frame.extend_from_slice(&body);
     let Ok(mut s) = conn.open_uni().await else {
@@ -245,11 +245,11 @@ async fn no_payload_is_read_before_hello_or_before_the_model() {
 
 /// An InitialParams frame whose manifest declares `numel` values, followed by 64 KiB of them.
 async fn send_declared_model(conn: &quinn::Connection, numel: u64) -> bool {
-    let control = flotilla_protocol::codec::Control::InitialParams {
+    let control = flotilla_protocol::wire::codec::Control::InitialParams {
         manifest: manifest(numel as usize),
     };
     let body = postcard::to_stdvec(&control).unwrap();
-    let mut frame = vec![b'F', b'L', flotilla_protocol::codec::WIRE_VERSION, 0];
+    let mut frame = vec![b'F', b'L', flotilla_protocol::wire::codec::WIRE_VERSION, 0];
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
     frame.extend_from_slice(&body);
     frame.extend(std::iter::repeat_n(0u8, 64 * 1024));

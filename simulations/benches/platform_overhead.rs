@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_client::{Evaluation, LocalUpdate, Trainer};
 use flotilla_protocol::coordinator::Event;
-use flotilla_protocol::messages::{Metrics, TrainConfig};
 use flotilla_protocol::secagg::SecAggConfig;
+use flotilla_protocol::wire::messages::{Metrics, TrainConfig};
 use flotilla_protocol::{Manifest, Params, TensorSpec};
 use flotilla_sim::federation::{client_options, make_pki, server_config};
 use tokio::sync::{mpsc, watch};

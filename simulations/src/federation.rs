@@ -9,7 +9,7 @@ use flotilla_client::driver::ClientOptions;
 use flotilla_client::{Evaluation, LocalUpdate, Trainer};
 use flotilla_crypto::pki::{Identity, PkiDir, load_certs};
 use flotilla_protocol::Params;
-use flotilla_protocol::messages::TrainConfig;
+use flotilla_protocol::wire::messages::TrainConfig;
 use flotilla_server::ServerConfig;
 
 /// Creates a PKI in `dir`: CA, a server certificate for `localhost`/`127.0.0.1`, and client

@@ -21,7 +21,7 @@ use flotilla_client::{
     BackendKind, BurnTrainer, Cnn, Device, LocalData, Precision, Trainer, cuda_devices, seeded,
     select_device,
 };
-use flotilla_protocol::messages::{BatchSize, Optimizer, TrainConfig};
+use flotilla_protocol::wire::messages::{BatchSize, Optimizer, TrainConfig};
 
 use crate::experiment::{Experiment, Summary};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use flotilla_client::Trainer;
 use flotilla_protocol::Params;
 use flotilla_protocol::harness::ClientBehaviour;
-use flotilla_protocol::messages::{EvaluateRes, Metrics, TrainConfig, TrainRes};
+use flotilla_protocol::wire::messages::{EvaluateRes, Metrics, TrainConfig, TrainRes};
 
 /// What a malicious client does to its honest update before sending it.
 #[derive(Clone, Copy, Debug, PartialEq)]

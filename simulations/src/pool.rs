@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 
 use flotilla_client::{BurnTrainer, Classifier, Evaluation, LocalData, LocalUpdate, Trainer};
 use flotilla_protocol::Params;
-use flotilla_protocol::messages::TrainConfig;
+use flotilla_protocol::wire::messages::TrainConfig;
 
 /// What a job returns.
 pub type JobResult = Result<LocalUpdate, flotilla_client::Error>;

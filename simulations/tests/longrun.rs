@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_client::{Evaluation, LocalUpdate, Trainer};
 use flotilla_protocol::coordinator::Event;
-use flotilla_protocol::messages::{Metrics, TrainConfig};
+use flotilla_protocol::wire::messages::{Metrics, TrainConfig};
 use flotilla_protocol::{Manifest, Params, TensorSpec};
 use flotilla_sim::experiment::rss_bytes;
 use flotilla_sim::federation::{client_options, make_pki, server_config};

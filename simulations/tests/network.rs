@@ -18,13 +18,13 @@ use flotilla_client::data::{Split, bundled};
 use flotilla_client::partition::iid;
 use flotilla_client::{BurnTrainer, Evaluation, LocalData, LocalUpdate, Mlp2nn, Trainer};
 use flotilla_crypto::pki::{CertificateAuthority, Identity, PkiDir, load_certs};
-use flotilla_protocol::codec::{self, Limits};
 use flotilla_protocol::coordinator::Event;
-use flotilla_protocol::messages::{
-    Capabilities, Hello, Metrics, PROTOCOL_VERSION, TrainConfig, TrainRes,
-};
 use flotilla_protocol::quic::{recv_message, send_message};
 use flotilla_protocol::strategy::FailureReason;
+use flotilla_protocol::wire::codec::{self, Limits};
+use flotilla_protocol::wire::messages::{
+    Capabilities, Hello, Metrics, PROTOCOL_VERSION, TrainConfig, TrainRes,
+};
 use flotilla_protocol::{Manifest, Message, Params, TensorSpec};
 use flotilla_server::{RunSummary, ServerConfig};
 use flotilla_sim::federation::{client_options, make_pki, server_config};

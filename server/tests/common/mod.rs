@@ -20,13 +20,13 @@ pub use std::time::{Duration, Instant};
 pub use flotilla_client::driver::{ClientOptions, run as run_client};
 pub use flotilla_client::{Evaluation, LocalUpdate, Trainer};
 pub use flotilla_crypto::pki::{Identity, PkiDir, load_certs};
-pub use flotilla_protocol::codec::Limits;
 pub use flotilla_protocol::coordinator::Event;
-pub use flotilla_protocol::messages::{
-    AbortReason, Capabilities, Hello, Metrics, PROTOCOL_VERSION, TrainConfig, TrainRes,
-};
 pub use flotilla_protocol::quic::{close, recv_message, send_message};
 pub use flotilla_protocol::strategy::FailureReason;
+pub use flotilla_protocol::wire::codec::Limits;
+pub use flotilla_protocol::wire::messages::{
+    AbortReason, Capabilities, Hello, Metrics, PROTOCOL_VERSION, TrainConfig, TrainRes,
+};
 pub use flotilla_protocol::{Manifest, Message, Params, TensorSpec};
 pub use flotilla_server::ServerConfig;
 pub use tokio::sync::{mpsc, watch};

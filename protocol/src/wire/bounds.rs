@@ -4,16 +4,16 @@
 //! a peer from making the *receiver's state* grow: a metric map with thousands of names that
 //! would be merged into every round record, a megabyte abort reason kept in the history, a
 //! certificate blob stored per round. They are checked right after a control body decodes
-//! ([`crate::codec::decode_control`]), so every transport (QUIC, the in-memory harness) and
+//! ([`crate::wire::codec::decode_control`]), so every transport (QUIC, the in-memory harness) and
 //! both sides enforce them, and a peer over any bound gets a typed
 //! [`Error::LimitExceeded`] (the server drops it).
 //!
 //! The match below is exhaustive on purpose: a new message kind does not compile until it
 //! says how its peer-supplied fields are bounded.
 
-use crate::Error;
-use crate::codec::{Control, Limits};
-use crate::messages::{
+use crate::wire::Error;
+use crate::wire::codec::{Control, Limits};
+use crate::wire::messages::{
     AbortReason, Advertisement, Capabilities, ClientId, EncryptedShare, Metrics,
 };
 

@@ -1,6 +1,6 @@
 //! The crate's one error type.
 
-use crate::messages::ClientId;
+use crate::wire::messages::ClientId;
 
 /// Everything that can go wrong in the protocol crate: malformed bytes, invalid parameters,
 /// and messages that break the round protocol. Every decoder returns one of these; none
@@ -102,7 +102,7 @@ pub enum Error {
         /// Version supported.
         supported: u16,
     },
-    /// A peer-supplied count or length is over its bound (see [`crate::bounds`]).
+    /// A peer-supplied count or length is over its bound (see [`crate::wire::bounds`]).
     #[error("{what} is {len}, over the limit of {max}")]
     LimitExceeded {
         /// What was measured.

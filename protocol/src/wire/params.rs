@@ -10,7 +10,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::Error;
+use crate::wire::Error;
 
 /// Longest tensor name accepted in a manifest.
 pub const MAX_NAME_LEN: usize = 256;
@@ -252,7 +252,7 @@ impl Params {
         let mut h = Sha256::new();
         hash_manifest(&mut h, &self.manifest);
         for chunk in self.values.chunks(16 * 1024) {
-            h.update(crate::codec::f32_le_bytes(chunk).as_ref());
+            h.update(crate::wire::codec::f32_le_bytes(chunk).as_ref());
         }
         h.finalize().into()
     }

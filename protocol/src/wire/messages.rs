@@ -1,7 +1,7 @@
 //! The messages exchanged between the server and a client.
 //!
 //! A [`Message`] is what the round machines consume and produce. On the wire it is split by
-//! [`crate::codec`] into a small control frame (serde, compact binary, size-capped) and, for
+//! [`crate::wire::codec`] into a small control frame (serde, compact binary, size-capped) and, for
 //! the variants that carry a model, the raw little-endian `f32` values that follow it on the
 //! same QUIC stream.
 
@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::params::Params;
+use crate::wire::params::Params;
 
 /// Version of the wire protocol spoken by this build. A peer with another version is refused
 /// at the hello.
@@ -67,7 +67,7 @@ pub struct Capabilities {
 }
 
 /// A model's identity as a client declares it: its manifest's digest (tensor names and
-/// shapes, SHA-256; see [`Manifest::digest`](crate::Manifest::digest)) and its sizes, for
+/// shapes, SHA-256; see [`Manifest::digest`](crate::wire::params::Manifest::digest)) and its sizes, for
 /// messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ModelSummary {
@@ -81,7 +81,7 @@ pub struct ModelSummary {
 
 impl ModelSummary {
     /// The summary of `manifest`.
-    pub fn of(manifest: &crate::Manifest) -> Self {
+    pub fn of(manifest: &crate::wire::params::Manifest) -> Self {
         Self {
             digest: manifest.digest(),
             tensors: u32::try_from(manifest.tensors.len()).unwrap_or(u32::MAX),
@@ -187,7 +187,7 @@ pub struct TrainConfig {
     /// Seed for shuffling and any other local randomness.
     pub seed: u64,
     /// Client-side differential privacy for this round (clip and noise), if on.
-    pub dp: Option<crate::dp::ClientDp>,
+    pub dp: Option<crate::wire::config::ClientDp>,
 }
 
 impl Default for TrainConfig {
@@ -217,7 +217,7 @@ pub struct TrainIns {
     /// The global model to start from.
     pub model: Params,
     /// Secure-aggregation parameters of this round; `None` for a plain round.
-    pub secagg: Option<crate::secagg::SecAggSetup>,
+    pub secagg: Option<crate::wire::config::SecAggSetup>,
 }
 
 /// A client's result of local training.

@@ -5,14 +5,33 @@
 //! aggregation it receives only a weighted **sum** ([`TrainResults::Sum`]); strategies that
 //! need each client's update (median, Krum, ...) say so through
 //! [`Strategy::needs_individual_updates`] and are refused for secure runs.
+//!
+//! The strategies, one file per family (`fedavg`, `fedopt`, `qfedavg`, `robust`), each with its
+//! paper and its published (or Flower's) defaults. All share [`FedAvg`]'s sampling and client
+//! configuration (`base`) and differ in how they turn the round's results into the next model.
+//!
+//! | strategy | receives | idea |
+//! |---|---|---|
+//! | [`FedAvgM`] | sum | server momentum on the pseudo-gradient |
+//! | [`FedProx`] | sum | FedAvg with a proximal term in the clients' loss |
+//! | [`FedOpt`] (FedAdagrad, FedAdam, FedYogi) | sum | adaptive server optimizers |
+//! | [`QFedAvg`] | individual | q-fair: clients with higher loss weigh more |
+//! | [`FedMedian`] | individual | coordinate-wise median |
+//! | [`FedTrimmedAvg`] | individual | coordinate-wise trimmed mean |
+//! | [`Krum`] | individual | the update(s) closest to their neighbours |
+//! | [`Bulyan`] | individual | Multi-Krum selection, then a trimmed mean around the median |
+//!
+//! Strategies that receive *individual* updates say so ([`Strategy::needs_individual_updates`])
+//! and are refused at start-up when secure aggregation is on; given a sum, they error.
 
 use rand::RngCore;
 use rand::seq::IndexedRandom;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::Error;
-use crate::messages::{Capabilities, ClientId, EvaluateRes, Metrics, TrainConfig};
-use crate::params::{Manifest, Params};
+use crate::wire::messages::{Capabilities, ClientId, EvaluateRes, Metrics, TrainConfig};
+use crate::wire::params::{Manifest, Params};
 
 /// A client as the strategy sees it when sampling.
 #[derive(Clone, Debug, PartialEq)]
@@ -202,7 +221,7 @@ pub fn weighted_train_metrics(updates: &[ClientUpdate]) -> Metrics {
 }
 
 /// Most metric names kept in one aggregated map (a round record's).
-pub const MAX_AGGREGATED_METRICS: usize = crate::bounds::DEFAULT_MAX_METRICS as usize;
+pub const MAX_AGGREGATED_METRICS: usize = crate::wire::bounds::DEFAULT_MAX_METRICS as usize;
 
 /// Weighted means of metric maps, each name averaged over the maps that report it. Weights
 /// are summed as `f64`, so no count can overflow. At most [`MAX_AGGREGATED_METRICS`] names
@@ -326,146 +345,48 @@ macro_rules! delegate_to {
 }
 pub(crate) use delegate_to;
 
-/// Federated Averaging (McMahan et al., "Communication-Efficient Learning of Deep Networks
-/// from Decentralized Data", AISTATS 2017): the new global model is the mean of the clients'
-/// models weighted by their number of training examples.
-#[derive(Clone, Debug)]
-pub struct FedAvg {
-    /// Who trains.
-    pub train_sampling: Sampling,
-    /// Who evaluates.
-    pub evaluate_sampling: Sampling,
-    /// Local training configuration sent to every sampled client.
-    pub train_config: TrainConfig,
-}
-
-impl Default for FedAvg {
-    fn default() -> Self {
-        Self {
-            train_sampling: Sampling {
-                fraction: 1.0,
-                min_clients: 2,
-            },
-            evaluate_sampling: Sampling {
-                fraction: 0.0,
-                min_clients: 0,
-            },
-            train_config: TrainConfig::default(),
-        }
-    }
-}
-
-/// Per-round config: the configured one with its seed mixed with the round number, so that
-/// clients shuffle differently each round yet reproducibly.
-pub fn round_train_config(base: &TrainConfig, round: u64) -> TrainConfig {
-    let mut c = base.clone();
-    c.seed = base
-        .seed
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(round);
-    c.learning_rate = base.learning_rate * base.lr_decay.powf(round.saturating_sub(1) as f64);
-    c
-}
-
-impl Strategy for FedAvg {
-    fn name(&self) -> &str {
-        "fedavg"
-    }
-
-    fn configure_train(
-        &mut self,
-        round: u64,
-        clients: &[ClientInfo],
-        rng: &mut dyn RngCore,
-    ) -> Vec<(ClientId, TrainConfig)> {
-        let config = round_train_config(&self.train_config, round);
-        self.train_sampling
-            .sample(clients, rng)
-            .into_iter()
-            .map(|id| (id, config.clone()))
-            .collect()
-    }
-
-    fn aggregate_train(
-        &mut self,
-        _round: u64,
-        _global: &Params,
-        results: TrainResults<'_>,
-        _failures: &[Failure],
-    ) -> Result<Option<Params>, Error> {
-        let owned;
-        let sum = match results {
-            TrainResults::Individual(u) => {
-                if u.is_empty() {
-                    return Ok(None);
-                }
-                owned = WeightedSum::from_updates(u)?;
-                &owned
-            }
-            TrainResults::Sum(s) => s,
-        };
-        sum.mean().map(Some)
-    }
-
-    fn configure_evaluate(
-        &mut self,
-        _round: u64,
-        clients: &[ClientInfo],
-        rng: &mut dyn RngCore,
-    ) -> Vec<ClientId> {
-        self.evaluate_sampling.sample(clients, rng)
-    }
-}
-
+mod fedavg;
+mod fedopt;
+mod qfedavg;
+mod robust;
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::params::TensorSpec;
-    use rand::SeedableRng;
+mod tests;
 
-    fn upd(id: &str, n: u64, v: Vec<f32>) -> ClientUpdate {
-        ClientUpdate {
-            client: ClientId::new(id),
-            num_examples: n,
-            metrics: [("loss".to_string(), v[0] as f64)].into_iter().collect(),
-            params: Params::new(Manifest::new(vec![TensorSpec::new("x", &[v.len()])]), v).unwrap(),
-        }
-    }
+pub use fedavg::{FedAvg, FedAvgM, FedProx, round_train_config};
+pub use fedopt::{FedOpt, ServerOptimizer};
+pub use qfedavg::QFedAvg;
+pub use robust::{Bulyan, FedMedian, FedTrimmedAvg, Krum};
 
-    #[test]
-    fn fedavg_is_example_weighted_mean() {
-        let ups = vec![upd("a", 1, vec![1.0, 2.0]), upd("b", 3, vec![5.0, -2.0])];
-        let g = ups[0].params.clone();
-        let out = FedAvg::default()
-            .aggregate_train(1, &g, TrainResults::Individual(&ups), &[])
-            .unwrap()
-            .unwrap();
-        // (1*1 + 3*5)/4 = 4, (1*2 + 3*-2)/4 = -1
-        assert_eq!(out.values(), &[4.0, -1.0]);
-        let m = weighted_train_metrics(&ups);
-        assert_eq!(m["loss"], 4.0);
+/// The weighted mean of the round (from a sum or from individual updates), `None` if empty.
+fn weighted_mean(results: TrainResults<'_>) -> Result<Option<Params>, Error> {
+    match results {
+        TrainResults::Individual([]) => Ok(None),
+        TrainResults::Individual(u) => WeightedSum::from_updates(u)?.mean().map(Some),
+        TrainResults::Sum(s) => s.mean().map(Some),
     }
+}
 
-    #[test]
-    fn sampling_counts_and_determinism() {
-        let s = Sampling {
-            fraction: 0.1,
-            min_clients: 2,
-        };
-        assert_eq!(s.count(100), 10);
-        assert_eq!(s.count(5), 2);
-        assert_eq!(s.count(1), 1);
-        let clients: Vec<ClientInfo> = (0..100)
-            .map(|i| ClientInfo {
-                id: ClientId::new(format!("c{i:03}")),
-                capabilities: Capabilities::default(),
-            })
-            .collect();
-        let a = s.sample(&clients, &mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
-        let b = s.sample(&clients, &mut rand_chacha::ChaCha8Rng::seed_from_u64(7));
-        let c = s.sample(&clients, &mut rand_chacha::ChaCha8Rng::seed_from_u64(8));
-        assert_eq!(a, b);
-        assert_ne!(a, c);
-        assert_eq!(a.len(), 10);
+fn individual<'a>(results: TrainResults<'a>, name: &str) -> Result<&'a [ClientUpdate], Error> {
+    match results {
+        TrainResults::Individual(u) => Ok(u),
+        TrainResults::Sum(_) => Err(Error::Config(format!(
+            "{name} needs each client's update, but the round was securely aggregated"
+        ))),
     }
+}
+
+fn same_len(global: &Params, updates: &[ClientUpdate]) -> Result<(), Error> {
+    for u in updates {
+        u.params.check_same_manifest(global.manifest())?;
+    }
+    Ok(())
+}
+
+fn encode_state<T: Serialize>(state: &T) -> Vec<u8> {
+    postcard::to_allocvec(state).unwrap_or_default()
+}
+
+fn decode_state<'a, T: Deserialize<'a>>(bytes: &'a [u8], name: &str) -> Result<T, Error> {
+    postcard::from_bytes(bytes)
+        .map_err(|e| Error::Config(format!("corrupt {name} state in checkpoint: {e}")))
 }

@@ -26,13 +26,13 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
-use crate::messages::{
+use crate::wire::Error;
+use crate::wire::config::SecAggSetup;
+use crate::wire::messages::{
     AbortReason, Advertisement, ClientId, EncryptedShare, EvaluateIns, EvaluateRes, Hello,
     MaskedInput, Message, Metrics, TrainConfig, TrainIns, TrainRes, UnmaskRequest, Welcome,
 };
-use crate::params::{Manifest, Params};
-use crate::secagg::SecAggSetup;
+use crate::wire::params::{Manifest, Params};
 use flotilla_crypto::secagg::shamir::Share;
 
 /// Frame magic.
@@ -71,10 +71,10 @@ impl Default for Limits {
         Self {
             max_control_bytes: DEFAULT_MAX_CONTROL_BYTES,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
-            max_metrics: crate::bounds::DEFAULT_MAX_METRICS,
-            max_name_bytes: crate::bounds::DEFAULT_MAX_NAME_BYTES,
-            max_text_bytes: crate::bounds::DEFAULT_MAX_TEXT_BYTES,
-            max_blob_bytes: crate::bounds::DEFAULT_MAX_BLOB_BYTES,
+            max_metrics: crate::wire::bounds::DEFAULT_MAX_METRICS,
+            max_name_bytes: crate::wire::bounds::DEFAULT_MAX_NAME_BYTES,
+            max_text_bytes: crate::wire::bounds::DEFAULT_MAX_TEXT_BYTES,
+            max_blob_bytes: crate::wire::bounds::DEFAULT_MAX_BLOB_BYTES,
         }
     }
 }
@@ -415,7 +415,7 @@ fn to_control_params(msg: &Message) -> (Option<Control>, Option<&Params>) {
             Control::Abort {
                 round: *round,
                 // Cut to the default bound so that a receiver never refuses our reasons.
-                reason: reason.truncated(crate::bounds::DEFAULT_MAX_TEXT_BYTES as usize),
+                reason: reason.truncated(crate::wire::bounds::DEFAULT_MAX_TEXT_BYTES as usize),
             },
             None,
         ),
@@ -546,7 +546,7 @@ pub fn decode_control(body: &[u8], limits: &Limits) -> Result<Decoded, Error> {
     if !rest.is_empty() {
         return Err(Error::TrailingBytes(rest.len() as u64));
     }
-    crate::bounds::check_control(&control, limits)?;
+    crate::wire::bounds::check_control(&control, limits)?;
     let numel = match control.payload_words()? {
         None => return complete_without_payload(control).map(Decoded::Complete),
         Some(n) => n,
@@ -746,8 +746,8 @@ pub fn decode_from_slice(bytes: &[u8], limits: &Limits) -> Result<Message, Error
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::*;
-    use crate::params::TensorSpec;
+    use crate::wire::messages::*;
+    use crate::wire::params::TensorSpec;
 
     fn params() -> Params {
         Params::new(
@@ -793,7 +793,7 @@ mod tests {
                         epsilon: 1e-8,
                     },
                     batch_size: BatchSize::Full,
-                    dp: Some(crate::dp::ClientDp {
+                    dp: Some(crate::wire::config::ClientDp {
                         clip: 1.0,
                         noise_std: 0.25,
                     }),
@@ -801,7 +801,7 @@ mod tests {
                 },
                 deadline_ms: 60_000,
                 model: params(),
-                secagg: Some(crate::secagg::SecAggSetup {
+                secagg: Some(crate::wire::config::SecAggSetup {
                     participants: vec![ClientId::new("a"), ClientId::new("b"), ClientId::new("c")],
                     neighbours: 2,
                     threshold: 2,

@@ -27,6 +27,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::Error;
 use crate::dp::{DpConfig, DpMode, PrivacyReport};
+use crate::registry::Registry;
 use crate::secagg::{Handled, SecAggConfig, SecAggStats, ServerRound};
 use crate::strategy::{
     ClientInfo, ClientUpdate, EvalSummary, Failure, FailureReason, Strategy, TrainResults,
@@ -34,7 +35,7 @@ use crate::strategy::{
 };
 use crate::wire::config::ClientDp;
 use crate::wire::messages::{
-    AbortReason, Capabilities, ClientId, EvaluateIns, EvaluateRes, Message, Metrics, ModelSummary,
+    AbortReason, ClientId, EvaluateIns, EvaluateRes, Message, Metrics, ModelSummary,
     PROTOCOL_VERSION, TrainIns, TrainRes, Welcome,
 };
 use crate::wire::params::Params;
@@ -342,25 +343,6 @@ pub enum Event {
 pub type Transmit = (ClientId, Message);
 
 #[derive(Debug)]
-struct ClientState {
-    capabilities: Capabilities,
-    last_seen: Instant,
-    straggling: Straggling,
-}
-
-/// A client's recent deadline record (kept across reconnects, see `Coordinator::stragglers`).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-struct Straggling {
-    /// Training deadlines missed in a row.
-    missed: u32,
-    /// Not sampled before this (unless needed).
-    excluded_until: Option<Instant>,
-}
-
-/// Most departed clients whose straggler record is remembered.
-const MAX_REMEMBERED_STRAGGLERS: usize = 10_000;
-
-#[derive(Debug)]
 struct TrainPhase {
     round: u64,
     selected: BTreeSet<ClientId>,
@@ -427,9 +409,7 @@ pub struct Snapshot {
 pub struct Coordinator {
     config: CoordinatorConfig,
     strategy: Box<dyn Strategy>,
-    clients: BTreeMap<ClientId, ClientState>,
-    /// Straggler records of clients that left, so that reconnecting does not clear them.
-    stragglers: BTreeMap<ClientId, Straggling>,
+    registry: Registry,
     global: Option<Params>,
     /// Last round started (0 before the first).
     round: u64,
@@ -458,7 +438,7 @@ impl std::fmt::Debug for Coordinator {
             .field("strategy", &self.strategy.name())
             .field("round", &self.round)
             .field("phase", &self.phase.name())
-            .field("clients", &self.clients.len())
+            .field("clients", &self.registry.len())
             .finish()
     }
 }
@@ -486,8 +466,7 @@ impl Coordinator {
         Ok(Self {
             config,
             strategy,
-            clients: BTreeMap::new(),
-            stragglers: BTreeMap::new(),
+            registry: Registry::default(),
             global: initial,
             round: 0,
             phase: Phase::Waiting,
@@ -584,7 +563,7 @@ impl Coordinator {
 
     /// Enrolled clients.
     pub fn clients(&self) -> impl Iterator<Item = &ClientId> {
-        self.clients.keys()
+        self.registry.ids()
     }
 
     /// Next message to send.
@@ -611,7 +590,7 @@ impl Coordinator {
         let idle = self
             .config
             .idle_timeout
-            .and_then(|d| self.clients.values().map(|c| c.last_seen + d).min());
+            .and_then(|d| self.registry.next_idle_deadline(d));
         match (phase, idle) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -646,11 +625,7 @@ impl Coordinator {
     /// [`Coordinator::handle_timeout`], so that neither a slow upload nor the server's own
     /// pauses (a long aggregation while messages queued up) count against a client.
     pub fn handle_activity(&mut self, at: Instant, client: &ClientId) {
-        if let Some(c) = self.clients.get_mut(client)
-            && at > c.last_seen
-        {
-            c.last_seen = at;
-        }
+        self.registry.heard_from(at, client, true);
     }
 
     /// A message from `client` could not be decoded: the client is dropped.
@@ -674,13 +649,7 @@ impl Coordinator {
     /// are harmless).
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(idle) = self.config.idle_timeout {
-            let stale: Vec<ClientId> = self
-                .clients
-                .iter()
-                .filter(|(_, c)| now >= c.last_seen + idle)
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in stale {
+            for id in self.registry.idle(now, idle) {
                 self.drop_client(now, &id, DropKind::Idle, format!("no message for {idle:?}"));
             }
         }
@@ -735,9 +704,7 @@ impl Coordinator {
         from: &ClientId,
         msg: Message,
     ) -> Result<(), Error> {
-        if let Some(c) = self.clients.get_mut(from) {
-            c.last_seen = now;
-        }
+        self.registry.heard_from(now, from, false);
         match self.process(now, from, msg) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -748,7 +715,7 @@ impl Coordinator {
     }
 
     fn process(&mut self, now: Instant, from: &ClientId, msg: Message) -> Result<(), Error> {
-        let enrolled = self.clients.contains_key(from);
+        let enrolled = self.registry.contains(from);
         match msg {
             Message::Hello(h) => {
                 if h.protocol_version != PROTOCOL_VERSION {
@@ -767,20 +734,16 @@ impl Coordinator {
                     self.refuse(from, reason);
                     return Ok(());
                 }
-                let straggling = self.stragglers.remove(from).unwrap_or_default();
-                self.clients.insert(
-                    from.clone(),
-                    ClientState {
-                        capabilities: h.capabilities,
-                        last_seen: now,
-                        straggling,
-                    },
-                );
+                self.registry.enroll(now, from.clone(), h.capabilities);
                 self.transmits.push_back((
                     from.clone(),
                     Message::Welcome(Welcome {
                         client_id: from.clone(),
-                        heartbeat_ms: self.config.heartbeat_interval.as_millis() as u64,
+                        // Without an idle timeout nothing reads heartbeats: ask for none.
+                        heartbeat_ms: match self.config.idle_timeout {
+                            Some(_) => self.config.heartbeat_interval.as_millis() as u64,
+                            None => 0,
+                        },
                     }),
                 ));
                 self.events.push_back(Event::ClientEnrolled(from.clone()));
@@ -835,7 +798,7 @@ impl Coordinator {
             Phase::InitParams { asked, .. } if asked == from => {
                 p.check_finite()?;
                 let got = ModelSummary::of(p.manifest());
-                let declared = self.clients.get(from).and_then(|c| c.capabilities.model);
+                let declared = self.registry.capabilities(from).and_then(|c| c.model);
                 if declared.is_some_and(|d| d.digest != got.digest) {
                     return Err(Error::InvalidMessage(format!(
                         "initial parameters ({got}) are not the model the client declared"
@@ -846,10 +809,10 @@ impl Coordinator {
                 self.events.push_back(Event::ModelInitialized);
                 // Clients that declared another model are not part of this federation.
                 let others: Vec<(ClientId, AbortReason)> = self
-                    .clients
+                    .registry
                     .iter()
                     .filter_map(|(id, c)| {
-                        self.model_mismatch(c.capabilities.model.as_ref())
+                        self.model_mismatch(c.model.as_ref())
                             .map(|r| (id.clone(), r))
                     })
                     .collect();
@@ -917,9 +880,7 @@ impl Coordinator {
             params: r.params,
         });
         let done = current.pending.is_empty() || current.results.len() >= current.target;
-        if let Some(c) = self.clients.get_mut(from) {
-            c.straggling.missed = 0;
-        }
+        self.registry.met_deadline(from);
         if done {
             self.close_train(now);
         }
@@ -1053,77 +1014,31 @@ impl Coordinator {
         }
     }
 
-    fn client_infos(&self) -> Vec<ClientInfo> {
-        self.clients
-            .iter()
-            .map(|(id, c)| ClientInfo {
-                id: id.clone(),
-                capabilities: c.capabilities.clone(),
-            })
-            .collect()
-    }
-
     /// Clients that may be sampled now: all but excluded stragglers, unless leaving those
     /// out would leave fewer than `min_train_results`.
     fn eligible_infos(&self, now: Instant, secure_only: bool) -> Vec<ClientInfo> {
-        let usable = |c: &ClientState| !secure_only || c.capabilities.secure_aggregation;
-        let eligible: Vec<ClientInfo> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| usable(c) && c.straggling.excluded_until.is_none_or(|t| now >= t))
-            .map(|(id, c)| ClientInfo {
-                id: id.clone(),
-                capabilities: c.capabilities.clone(),
-            })
-            .collect();
-        if eligible.len() >= self.config.min_train_results {
-            return eligible;
-        }
-        self.client_infos()
-            .into_iter()
-            .filter(|i| !secure_only || i.capabilities.secure_aggregation)
-            .collect()
+        self.registry
+            .eligible(now, secure_only, self.config.min_train_results)
     }
 
     /// Whether `id` is excluded from sampling now.
     pub fn is_excluded(&self, now: Instant, id: &ClientId) -> bool {
-        self.clients
-            .get(id)
-            .and_then(|c| c.straggling.excluded_until)
-            .is_some_and(|t| now < t)
+        self.registry.is_excluded(now, id)
     }
 
     /// Unenrolls a client, remembering its straggler record. True if it was enrolled.
     fn remove_client(&mut self, now: Instant, id: &ClientId) -> bool {
-        let Some(c) = self.clients.remove(id) else {
-            return false;
-        };
-        if c.straggling != Straggling::default() {
-            self.stragglers
-                .retain(|_, s| s.excluded_until.is_some_and(|t| now < t) || s.missed > 0);
-            if self.stragglers.len() >= MAX_REMEMBERED_STRAGGLERS {
-                self.stragglers.pop_first();
-            }
-            self.stragglers.insert(id.clone(), c.straggling);
-        }
-        true
+        self.registry.remove(now, id)
     }
 
     /// Records missed training deadlines; excludes repeat offenders.
     fn note_missed_deadlines(&mut self, now: Instant, ids: &[ClientId]) {
-        let max = self.config.max_missed_deadlines;
-        if max == 0 {
-            return;
-        }
-        for id in ids {
-            if let Some(c) = self.clients.get_mut(id) {
-                c.straggling.missed += 1;
-                if c.straggling.missed >= max {
-                    c.straggling.excluded_until = Some(now + self.config.straggler_backoff);
-                    c.straggling.missed = 0;
-                }
-            }
-        }
+        self.registry.missed_deadlines(
+            now,
+            ids,
+            self.config.max_missed_deadlines,
+            self.config.straggler_backoff,
+        );
     }
 
     fn rng_for(&self, round: u64, stream: u64) -> ChaCha8Rng {
@@ -1171,14 +1086,22 @@ impl Coordinator {
     /// clients declaring the same model, if that group reaches the quorum. Otherwise `Err`
     /// with the size of the largest group.
     fn model_source(&self, tried: &BTreeSet<ClientId>) -> Result<ClientId, usize> {
+        let quorum = self.model_quorum();
+        // Counted per hello while the run waits for a model: from the registry's tallies, so
+        // that the walk over every client below happens only once a quorum exists.
+        let counts = self.registry.declared_models();
+        let largest = counts.values().copied().max().unwrap_or(0);
+        if largest < quorum {
+            return Err(largest);
+        }
         let mut groups: BTreeMap<[u8; 32], Vec<&ClientId>> = BTreeMap::new();
-        for (id, c) in &self.clients {
-            if let Some(m) = &c.capabilities.model {
+        for (id, c) in self.registry.iter() {
+            if let Some(m) = &c.model
+                && counts.get(&m.digest).is_some_and(|&n| n >= quorum)
+            {
                 groups.entry(m.digest).or_default().push(id);
             }
         }
-        let quorum = self.model_quorum();
-        let largest = groups.values().map(Vec::len).max().unwrap_or(0);
         let mut agreed: Vec<&Vec<&ClientId>> =
             groups.values().filter(|g| g.len() >= quorum).collect();
         // Largest group first; ties go to the group whose first id sorts first (groups are
@@ -1198,11 +1121,7 @@ impl Coordinator {
         let next = match self.model_source(&tried) {
             Ok(id) => Some(id),
             Err(agreeing) => {
-                let undeclared = self
-                    .clients
-                    .values()
-                    .filter(|c| c.capabilities.model.is_none())
-                    .count();
+                let undeclared = self.registry.undeclared_models();
                 let ev = Event::WaitingForModel {
                     agreeing,
                     required: self.model_quorum(),
@@ -1236,8 +1155,10 @@ impl Coordinator {
         }
         // Only clients that implement the protocol can take part in a secure round.
         let secure = self.config.secure_aggregation.is_some();
-        if self.clients.len() < self.config.min_available_clients {
-            let eligible = self.eligible_infos(now, secure).len();
+        if self.registry.len() < self.config.min_available_clients {
+            let eligible = self
+                .registry
+                .eligible_count(now, secure, self.config.min_train_results);
             self.wait_for_clients(eligible, self.config.min_available_clients);
             return;
         }
@@ -1252,7 +1173,7 @@ impl Coordinator {
         let mut selected = BTreeSet::new();
         let mut configs = Vec::new();
         for (id, config) in plan {
-            if !self.clients.contains_key(&id) || !selected.insert(id.clone()) {
+            if !self.registry.contains(&id) || !selected.insert(id.clone()) {
                 continue; // the strategy named an unknown client or named one twice
             }
             configs.push((id, config));
@@ -1607,7 +1528,7 @@ impl Coordinator {
             .strategy
             .configure_evaluate(round, &infos, &mut rng)
             .into_iter()
-            .filter(|id| self.clients.contains_key(id))
+            .filter(|id| self.registry.contains(id))
             .collect();
         if chosen.is_empty() {
             self.end_round(now, record);
@@ -1681,15 +1602,13 @@ impl Coordinator {
 
     /// Emits [`Event::WaitingForClients`] if it differs from the last one.
     fn wait_for_clients(&mut self, eligible: usize, required: usize) {
-        let without = self
-            .clients
-            .values()
-            .filter(|c| {
-                self.config.secure_aggregation.is_some() && !c.capabilities.secure_aggregation
-            })
-            .count();
+        let without = if self.config.secure_aggregation.is_some() {
+            self.registry.without_secure_aggregation()
+        } else {
+            0
+        };
         let ev = Event::WaitingForClients {
-            enrolled: self.clients.len(),
+            enrolled: self.registry.len(),
             eligible,
             required,
             without_secure_aggregation: without,
@@ -1702,7 +1621,7 @@ impl Coordinator {
 
     fn finish(&mut self) {
         self.phase = Phase::Finished;
-        for id in self.clients.keys() {
+        for id in self.registry.ids() {
             self.transmits.push_back((
                 id.clone(),
                 Message::Abort {

@@ -44,6 +44,7 @@ pub mod harness;
 pub mod participant;
 #[cfg(feature = "quic")]
 pub mod quic;
+mod registry;
 pub mod secagg;
 pub mod strategy;
 pub mod wire;

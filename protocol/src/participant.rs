@@ -287,9 +287,13 @@ impl Participant {
         match (self.state, msg) {
             (State::Closed, _) => Ok(()),
             (State::AwaitWelcome, Message::Welcome(w)) => {
-                let every = Duration::from_millis(w.heartbeat_ms.max(100));
-                self.heartbeat = Some(every);
-                self.next_heartbeat = Some(now + every);
+                // 0: the server does not time idle clients out, and heartbeats would only
+                // cost messages (a simulation of thousands of waiting clients).
+                if w.heartbeat_ms > 0 {
+                    let every = Duration::from_millis(w.heartbeat_ms.max(100));
+                    self.heartbeat = Some(every);
+                    self.next_heartbeat = Some(now + every);
+                }
                 self.client_id = Some(w.client_id.clone());
                 self.state = State::Enrolled(Task::None);
                 self.events.push_back(ParticipantEvent::Enrolled {

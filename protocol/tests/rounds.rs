@@ -657,6 +657,46 @@ fn idle_clients_are_dropped_and_heartbeats_keep_them() {
 }
 
 #[test]
+fn without_an_idle_timeout_no_heartbeats_are_sent() {
+    // Nothing on the server reads heartbeats when it times no client out: it asks for none
+    // (`heartbeat_ms = 0`), and a waiting client sends none. With an idle timeout the same
+    // run counts some.
+    let heartbeats = |idle: Option<Duration>| {
+        let mut cfg = config(2, 3);
+        cfg.idle_timeout = idle;
+        cfg.round_timeout = Duration::from_secs(600);
+        let c = Coordinator::new(cfg, fedavg(1.0, 1), Some(model(4, 0.0))).unwrap();
+        let mut h = Harness::new(c, 7);
+        for i in 0..3 {
+            h.add_client(
+                id(i),
+                Box::new(FixedDelta {
+                    delta: 1.0,
+                    num_examples: 10,
+                    initial: model(4, 0.5),
+                    compute: Duration::from_secs(30),
+                }),
+            );
+        }
+        let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = seen.clone();
+        h.set_filter(Box::new(move |env| {
+            if matches!(env.message, Message::Heartbeat { .. }) {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Action::Deliver
+        }));
+        // Rounds last long enough (the 5 s heartbeat, 30 s of simulated compute) for
+        // heartbeats to be due.
+        assert!(h.run_to_completion(Duration::from_secs(3600)));
+        assert_eq!(h.completed_rounds().len(), 2);
+        seen.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(heartbeats(None), 0);
+    assert!(heartbeats(Some(Duration::from_secs(60))) > 0);
+}
+
+#[test]
 fn snapshot_is_the_state_at_the_end_of_the_round() {
     // The next round starts as soon as one ends; the snapshot must still describe the round
     // that ended (a checkpoint labelled with a later round would skip a round on resume).

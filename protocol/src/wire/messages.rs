@@ -125,7 +125,8 @@ pub struct Hello {
 pub struct Welcome {
     /// The id the server knows this client by (from its certificate).
     pub client_id: ClientId,
-    /// Heartbeat interval the client should keep, in milliseconds.
+    /// Heartbeat interval the client should keep, in milliseconds (at least 100 are kept).
+    /// `0`: the server has no idle timeout and wants no heartbeats.
     pub heartbeat_ms: u64,
 }
 

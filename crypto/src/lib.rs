@@ -6,7 +6,7 @@
 //!   certificate), PEM files with private keys written 0600, and the revocation list the
 //!   server's TLS verifier consumes.
 //! * [`tls`]: the rustls configurations for mutual TLS 1.3 with the ring provider.
-//! * [`secagg`]: building blocks of secure aggregation: Shamir sharing, the ChaCha20 mask
+//! * [`secagg`]: building blocks of secure aggregation: Shamir sharing, the AES-256-CTR mask
 //!   generator, clipping and stochastic quantization.
 //!
 //! Everything here uses `ring` (through `rcgen` and `rustls-pki-types` for certificates) for

@@ -1,7 +1,7 @@
 //! Building blocks of SecAgg+ (Bonawitz et al. 2017; Bell et al. 2020), no I/O:
 //!
 //! * [`shamir`]: t-of-n secret sharing of 32-byte secrets over the prime field GF(2^61 − 1).
-//! * [`mask`]: the mask generator, ChaCha20 expanding a 32-byte seed into `u32` words, added
+//! * [`mask`]: the mask generator, AES-256-CTR expanding a 32-byte seed into `u32` words, added
 //!   to or subtracted from a vector with wrapping arithmetic (the modulus is 2^32).
 //! * [`keys`]: X25519 (static secrets, so they can be Shamir-shared) with HKDF-SHA256, and
 //!   ChaCha20-Poly1305 sealing of shares.

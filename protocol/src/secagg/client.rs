@@ -301,12 +301,17 @@ impl ClientRound {
             return Ok(None);
         };
         let mut values = encode_input(&self.setup, &self.model, &result, &mut self.rng)?;
-        mask::apply(&self.b, &mut values, Sign::Add);
+        // Seeds are secrets: wiped when `masks` goes, whichever way this returns.
+        let mut masks = MaskSeeds(Vec::with_capacity(self.held.len() + 1));
+        masks.0.push((*self.b, Sign::Add));
         for v in self.held.keys() {
             let peer = self.peers.get(v).ok_or_else(|| sa("unknown peer"))?;
             let seed = self.s.agree(&peer.s_pk, MASK_PURPOSE)?;
-            mask::apply(&seed, &mut values, pair_sign(self.me, *v));
+            masks.0.push((*seed, pair_sign(self.me, *v)));
         }
+        // All masks in one pass over the vector, block by block (one thread: a simulation
+        // runs many clients at once, and a device has just trained).
+        mask::apply_all(&masks.0, &mut values, 1);
         self.stage = ClientStage::MaskedSent;
         Ok(Some(Message::MaskedInput(MaskedInput {
             round: self.round,
@@ -430,5 +435,16 @@ impl ClientRound {
             self_mask,
             keys,
         })
+    }
+}
+
+/// Mask seeds with their signs, wiped on drop.
+struct MaskSeeds(Vec<([u8; 32], Sign)>);
+
+impl Drop for MaskSeeds {
+    fn drop(&mut self) {
+        for (seed, _) in &mut self.0 {
+            zeroize::Zeroize::zeroize(seed);
+        }
     }
 }

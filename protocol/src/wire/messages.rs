@@ -15,7 +15,10 @@ use crate::wire::params::Params;
 
 /// Version of the wire protocol spoken by this build. A peer with another version is refused
 /// at the hello.
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// 3: SecAgg+ masks are AES-256-CTR keystreams (2 used ChaCha20: the sums of mixed peers
+/// would be garbage, so they must not meet).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Identity of a client. On the network it is taken from the client's certificate, never from
 /// a message.

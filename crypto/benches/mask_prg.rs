@@ -68,7 +68,10 @@ fn time(name: &str, reference: Option<f64>, mut f: impl FnMut(&mut [u32])) -> f6
             m * 1e3,
             r / m
         ),
-        None => println!("{name:<28} {:>6.1} ms  {rate:>5.2} GB/s  (reference)", m * 1e3),
+        None => println!(
+            "{name:<28} {:>6.1} ms  {rate:>5.2} GB/s  (reference)",
+            m * 1e3
+        ),
     }
     m
 }
@@ -79,13 +82,25 @@ fn main() {
         (N * 4) as f64 / 1e6
     );
     let r = time("ChaCha20 (rand_chacha)", None, |v| {
-        run(v, |s| rand_chacha::ChaCha20Rng::from_seed(*s), |g, b| g.fill_bytes(b))
+        run(
+            v,
+            |s| rand_chacha::ChaCha20Rng::from_seed(*s),
+            |g, b| g.fill_bytes(b),
+        )
     });
     time("ChaCha12 (rand_chacha)", Some(r), |v| {
-        run(v, |s| rand_chacha::ChaCha12Rng::from_seed(*s), |g, b| g.fill_bytes(b))
+        run(
+            v,
+            |s| rand_chacha::ChaCha12Rng::from_seed(*s),
+            |g, b| g.fill_bytes(b),
+        )
     });
     time("ChaCha8 (rand_chacha)", Some(r), |v| {
-        run(v, |s| rand_chacha::ChaCha8Rng::from_seed(*s), |g, b| g.fill_bytes(b))
+        run(
+            v,
+            |s| rand_chacha::ChaCha8Rng::from_seed(*s),
+            |g, b| g.fill_bytes(b),
+        )
     });
     time("ChaCha20 (chacha20 crate)", Some(r), |v| {
         use chacha20::cipher::{KeyIvInit as _, StreamCipher as _};

@@ -91,6 +91,10 @@ fn run(n: usize, k: usize, drop: f64, identities: &[SecAggIdentity]) -> Outcome 
         while let Some((i, m)) = to_server.pop_front() {
             let started = Instant::now();
             server.handle_message(now, &ids[i], m).unwrap();
+            // The reconstruct-and-unmask job (a driver runs it on a blocking thread).
+            if let Some(job) = server.take_job() {
+                server.handle_unmask_result(job.run());
+            }
             let spent = started.elapsed();
             if let Some(outcome) = server.take_outcome() {
                 unmask = spent;

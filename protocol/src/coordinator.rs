@@ -27,6 +27,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::Error;
 use crate::dp::{DpConfig, DpMode, PrivacyReport};
+use crate::job::{Job, JobResult, Output, Work};
 use crate::registry::Registry;
 use crate::secagg::{Handled, SecAggConfig, SecAggStats, ServerRound};
 use crate::strategy::{
@@ -419,6 +420,11 @@ pub struct Coordinator {
     last_snapshot: Option<Snapshot>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// Heavy work for the driver (at most one per round is out at a time).
+    jobs: VecDeque<Job>,
+    /// The job whose result the machine waits for: (id, round).
+    job_out: Option<(u64, u64)>,
+    next_job: u64,
     /// The unmasked quantized sum of the last secure round (for audits and tests).
     last_unmasked: Option<Vec<u32>>,
     /// Privacy spent (if DP is on).
@@ -474,6 +480,9 @@ impl Coordinator {
             last_snapshot: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            jobs: VecDeque::new(),
+            job_out: None,
+            next_job: 0,
             last_unmasked: None,
             accountant,
             round_privacy: None,
@@ -574,6 +583,38 @@ impl Coordinator {
     /// Next event.
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
+    }
+
+    /// Next piece of heavy work (see [`crate::job`]): run it off the event loop and hand its
+    /// result to [`Coordinator::handle_job_result`]. Until then the round it belongs to waits
+    /// (its deadlines are suspended); everything else (other messages, timers, new clients)
+    /// goes on.
+    #[must_use = "a job must be run and its result handed back, or its round never ends"]
+    pub fn poll_job(&mut self) -> Option<Job> {
+        self.jobs.pop_front()
+    }
+
+    /// The result of a job from [`Coordinator::poll_job`]. A result for a round that ended
+    /// meanwhile (or one this machine did not ask for) is ignored.
+    pub fn handle_job_result(&mut self, now: Instant, result: JobResult) {
+        let Some((id, round)) = self.job_out else {
+            return;
+        };
+        if result.id != id {
+            return;
+        }
+        self.job_out = None;
+        match result.output {
+            Output::Unmask(sum) => {
+                if let Phase::Train(t) = &mut self.phase
+                    && t.round == round
+                    && let Some(sa) = &mut t.secagg
+                {
+                    sa.handle_unmask_result(sum);
+                    self.pump_secagg(now);
+                }
+            }
+        }
     }
 
     /// When the coordinator next needs [`Coordinator::handle_timeout`].
@@ -1339,6 +1380,15 @@ impl Coordinator {
             return;
         };
         self.transmits.extend(sa.drain_transmits());
+        if let Some(job) = sa.take_job() {
+            self.next_job += 1;
+            self.job_out = Some((self.next_job, t.round));
+            self.jobs.push_back(Job {
+                id: self.next_job,
+                round: t.round,
+                work: Work::Unmask(job),
+            });
+        }
         if let Some(stage) = sa.take_stage_change() {
             self.events.push_back(Event::SecureStage {
                 round: t.round,

@@ -431,6 +431,12 @@ impl Harness {
 
     fn flush_coordinator(&mut self) {
         loop {
+            // Heavy work runs inline, at the simulated instant it was asked for: runs stay
+            // deterministic (a driver runs it on another thread).
+            while let Some(job) = self.coordinator.poll_job() {
+                let result = job.run();
+                self.coordinator.handle_job_result(self.now, result);
+            }
             while let Some((to, msg)) = self.coordinator.poll_transmit() {
                 self.send(to, Direction::ToClient, msg);
             }

@@ -41,6 +41,7 @@ pub mod cli;
 pub mod coordinator;
 pub mod dp;
 pub mod harness;
+pub mod job;
 pub mod participant;
 #[cfg(feature = "quic")]
 pub mod quic;
@@ -50,6 +51,7 @@ pub mod strategy;
 pub mod wire;
 
 pub use coordinator::{Coordinator, CoordinatorConfig, Event, RoundRecord, Snapshot};
+pub use job::{Job, JobResult};
 pub use participant::{Participant, ParticipantEvent};
 pub use strategy::{FedAvg, Strategy};
 pub use wire::Error;

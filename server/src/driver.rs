@@ -46,7 +46,7 @@ use flotilla_protocol::quic::{
 };
 use flotilla_protocol::wire::codec::Limits;
 use flotilla_protocol::wire::messages::{AbortReason, ModelSummary};
-use flotilla_protocol::{ClientId, Manifest, Message, Params};
+use flotilla_protocol::{ClientId, JobResult, Manifest, Message, Params};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
@@ -834,6 +834,9 @@ async fn run(
     // Inputs from connection tasks: bounded, so a flood of messages slows its senders down
     // instead of growing the server.
     let (tx, mut rx) = mpsc::channel::<Input>(1024);
+    // Results of heavy work (unmasking) done on blocking threads; one job per round is out at
+    // a time.
+    let (job_tx, mut job_rx) = mpsc::channel::<JobResult>(4);
     let shared = Shared {
         tx,
         telemetry: telemetry.clone(),
@@ -916,6 +919,21 @@ async fn run(
             warn!(client = %id, "cannot keep up with its send queue; closing");
             telemetry.refused(Refusal::TooSlow);
             central.disconnect(Instant::now(), &id, close::TOO_SLOW, b"send queue full");
+        }
+        // Heavy work leaves the loop: connections, heartbeats and timers go on meanwhile.
+        while let Some(job) = central.coord.poll_job() {
+            let (kind, round) = (job.kind(), job.round());
+            debug!("round {round}: {kind} job started");
+            let tx = job_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let result = job.run();
+                debug!(
+                    "round {round}: {kind} job done in {:.3} s",
+                    started.elapsed().as_secs_f64()
+                );
+                let _ = tx.blocking_send(result);
+            });
         }
         let mut persisted = false;
         while let Some(ev) = central.coord.poll_event() {
@@ -1102,6 +1120,9 @@ async fn run(
                         }
                     }
                 }
+            }
+            Some(result) = job_rx.recv() => {
+                central.coord.handle_job_result(Instant::now(), result);
             }
             _ = reload.notified() => {
                 crl_stamp_seen = crl_stamp(&central.config);

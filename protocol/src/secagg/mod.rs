@@ -326,4 +326,4 @@ mod server;
 mod setup;
 
 pub use client::ClientRound;
-pub use server::{Handled, SecAggStats, ServerRound, Stage, Unmasked};
+pub use server::{Handled, SecAggStats, ServerRound, Stage, UnmaskJob, Unmasked};

@@ -120,6 +120,11 @@ pub struct ServerRound {
     outcome: Option<Result<Unmasked, AbortReason>>,
     stats: SecAggStats,
     entered: Option<Stage>,
+    /// The reconstruct-and-unmask work, ready for the driver ([`ServerRound::take_job`]).
+    job: Option<UnmaskJob>,
+    /// An unmask job is out: the round waits for [`ServerRound::handle_unmask_result`] and
+    /// nothing else moves it.
+    unmasking: bool,
 }
 
 impl std::fmt::Debug for ServerRound {
@@ -179,6 +184,8 @@ impl ServerRound {
             outcome: None,
             stats,
             entered: None,
+            job: None,
+            unmasking: false,
         }
     }
 
@@ -199,7 +206,38 @@ impl ServerRound {
 
     /// When [`ServerRound::handle_timeout`] is next needed.
     pub fn deadline(&self) -> Option<Instant> {
-        (self.stage != Stage::Done).then_some(self.deadline)
+        (self.stage != Stage::Done && !self.unmasking).then_some(self.deadline)
+    }
+
+    /// The unmask work, once every share needed is in: reconstructing the secrets and
+    /// removing the masks takes seconds at hundreds of clients, so it runs off the event
+    /// loop. Its result goes to [`ServerRound::handle_unmask_result`].
+    pub fn take_job(&mut self) -> Option<UnmaskJob> {
+        self.job.take()
+    }
+
+    /// The result of the job from [`ServerRound::take_job`]: the unmasked sum, or why it
+    /// could not be computed (the round aborts).
+    pub fn handle_unmask_result(&mut self, result: Result<Vec<u32>, Error>) {
+        if !self.unmasking {
+            return;
+        }
+        self.unmasking = false;
+        match result {
+            Ok(sum) => {
+                self.stage = Stage::Done;
+                self.outcome = Some(Ok(Unmasked {
+                    sum,
+                    contributors: self
+                        .u3
+                        .iter()
+                        .filter_map(|&u| self.setup.participants.get(u).cloned())
+                        .collect(),
+                    metrics: std::mem::take(&mut self.metrics),
+                }));
+            }
+            Err(e) => self.abort(AbortReason::SecureAggregation(e.to_string())),
+        }
     }
 
     /// Messages to send.
@@ -247,7 +285,7 @@ impl ServerRound {
         let Some(i) = self.setup.index_of(client) else {
             return;
         };
-        if self.stage == Stage::Done || !self.gone.insert(i) {
+        if self.stage == Stage::Done || self.unmasking || !self.gone.insert(i) {
             return;
         }
         self.reasons.entry(i).or_insert(reason);
@@ -258,7 +296,7 @@ impl ServerRound {
 
     /// The stage's deadline passed: whoever has not answered is out.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.stage != Stage::Done && now >= self.deadline {
+        if self.stage != Stage::Done && !self.unmasking && now >= self.deadline {
             for i in std::mem::take(&mut self.pending) {
                 self.reasons.entry(i).or_insert(FailureReason::Timeout);
                 self.gone.insert(i);
@@ -294,7 +332,7 @@ impl ServerRound {
         })?;
         let stage = stage_of(&msg)
             .ok_or_else(|| sa(format!("{} is not a client SecAgg message", msg.kind())))?;
-        if self.gone.contains(&i) || stage < self.stage {
+        if self.gone.contains(&i) || stage < self.stage || self.unmasking {
             return Ok(Handled::Late);
         }
         if stage > self.stage {
@@ -526,6 +564,9 @@ impl ServerRound {
     }
 
     fn advance(&mut self, now: Instant) {
+        if self.unmasking {
+            return;
+        }
         self.pending.clear();
         match self.stage {
             Stage::AdvertiseKeys => {
@@ -689,55 +730,42 @@ impl ServerRound {
     }
 
     fn finish(&mut self) {
-        match self.unmask() {
-            Ok(u) => {
-                self.stage = Stage::Done;
-                self.outcome = Some(Ok(u));
+        match self.plan_unmask() {
+            Ok(job) => {
+                self.job = Some(job);
+                self.unmasking = true;
             }
             Err(e) => self.abort(AbortReason::SecureAggregation(e.to_string())),
         }
     }
 
-    fn unmask(&mut self) -> Result<Unmasked, Error> {
-        let t = self.setup.threshold as usize;
-        let mut sum = std::mem::take(&mut self.sum);
+    /// Everything the unmask needs, moved or copied out of the round (cheap: shares and
+    /// keys; the sum is moved).
+    fn plan_unmask(&mut self) -> Result<UnmaskJob, Error> {
+        let sum = std::mem::take(&mut self.sum);
         if sum.len() != self.expected_len {
             return Err(sa("no masked inputs"));
         }
-        let mut masks: Vec<([u8; 32], Sign)> = Vec::with_capacity(self.u3.len());
-        for &u in &self.u3 {
-            let shares = self.b_shares.get(&u).map(Vec::as_slice).unwrap_or(&[]);
-            let b = shamir::recover(shares, t).map_err(|e| {
-                sa(format!(
-                    "too many dropouts: self mask of {}: {e}",
-                    self.setup.id(u).map_or("?", ClientId::as_str)
-                ))
-            })?;
-            masks.push((b, Sign::Sub));
-        }
-        // Dropped clients: rebuild their mask keys, then the seeds they shared with each
+        let name = |i: usize| {
+            self.setup
+                .id(i)
+                .cloned()
+                .unwrap_or_else(|_| ClientId::new("?"))
+        };
+        let survivors = self
+            .u3
+            .iter()
+            .map(|&u| (name(u), self.b_shares.remove(&u).unwrap_or_default()))
+            .collect();
+        // Dropped clients: their mask keys are rebuilt, then the seeds they shared with each
         // survivor among their neighbours.
-        let dropped = self.dropped_to_recover();
-        let mut secrets = Vec::with_capacity(dropped.len());
-        let mut pairs: Vec<(usize, [u8; 32], Sign)> = Vec::new();
-        for &v in &dropped {
-            let shares = self.s_shares.get(&v).map(Vec::as_slice).unwrap_or(&[]);
-            let secret = Zeroizing::new(shamir::recover(shares, t).map_err(|e| {
-                sa(format!(
-                    "too many dropouts: mask key of {}: {e}",
-                    self.setup.id(v).map_or("?", ClientId::as_str)
-                ))
-            })?);
+        let mut dropped = Vec::new();
+        for v in self.dropped_to_recover() {
             let advert = self
                 .adverts
                 .get(&v)
                 .ok_or_else(|| sa("dropped client without keys"))?;
-            if KeyPair::from_secret(*secret).public() != advert.s_pk {
-                return Err(sa(format!(
-                    "reconstructed mask key of {} does not match its advertisement",
-                    advert.client
-                )));
-            }
+            let mut peers = Vec::new();
             for &u in self.neighbours(v) {
                 if let (true, Some(peer)) = (self.u3.contains(&u), self.adverts.get(&u)) {
                     // u added +PRG if u < v: take it off with the opposite sign.
@@ -745,24 +773,96 @@ impl ServerRound {
                         Sign::Add => Sign::Sub,
                         Sign::Sub => Sign::Add,
                     };
-                    pairs.push((secrets.len(), peer.s_pk, sign));
+                    peers.push((peer.s_pk, sign));
                 }
+            }
+            dropped.push(DroppedKey {
+                client: advert.client.clone(),
+                shares: self.s_shares.remove(&v).unwrap_or_default(),
+                s_pk: advert.s_pk,
+                peers,
+            });
+        }
+        self.stats.recovered_dropped = dropped.len();
+        Ok(UnmaskJob {
+            threshold: self.setup.threshold as usize,
+            sum,
+            survivors,
+            dropped,
+        })
+    }
+}
+
+/// A dropped client whose pairwise masks must come off the sum.
+#[derive(Debug)]
+struct DroppedKey {
+    client: ClientId,
+    /// Shares of its mask key `s`.
+    shares: Vec<Share>,
+    /// Its advertised public mask key (the rebuilt secret must match it).
+    s_pk: [u8; 32],
+    /// The public mask keys of its surviving neighbours, with the sign that removes each mask.
+    peers: Vec<([u8; 32], Sign)>,
+}
+
+/// The server's heavy step of a secure round: rebuild every survivor's self-mask seed and
+/// every dropped client's mask key from the revealed shares, derive the dropped clients'
+/// pairwise seeds, and remove all those masks from the sum, on all cores. Pure computation:
+/// a driver runs it on a blocking thread, the test harness inline.
+pub struct UnmaskJob {
+    threshold: usize,
+    sum: Vec<u32>,
+    /// Survivors and the shares of their self-mask seeds `b`.
+    survivors: Vec<(ClientId, Vec<Share>)>,
+    dropped: Vec<DroppedKey>,
+}
+
+impl std::fmt::Debug for UnmaskJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UnmaskJob")
+            .field("len", &self.sum.len())
+            .field("survivors", &self.survivors.len())
+            .field("dropped", &self.dropped.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UnmaskJob {
+    /// Runs the job: the unmasked sum, or why it cannot be computed.
+    pub fn run(self) -> Result<Vec<u32>, Error> {
+        let t = self.threshold;
+        let mut sum = self.sum;
+        let mut masks: Vec<([u8; 32], Sign)> = Vec::with_capacity(self.survivors.len());
+        for (client, shares) in &self.survivors {
+            let b = shamir::recover(shares, t)
+                .map_err(|e| sa(format!("too many dropouts: self mask of {client}: {e}")))?;
+            masks.push((b, Sign::Sub));
+        }
+        let mut secrets = Vec::with_capacity(self.dropped.len());
+        let mut pairs: Vec<(usize, [u8; 32], Sign)> = Vec::new();
+        for d in &self.dropped {
+            let secret =
+                Zeroizing::new(shamir::recover(&d.shares, t).map_err(|e| {
+                    sa(format!("too many dropouts: mask key of {}: {e}", d.client))
+                })?);
+            if KeyPair::from_secret(*secret).public() != d.s_pk {
+                return Err(sa(format!(
+                    "reconstructed mask key of {} does not match its advertisement",
+                    d.client
+                )));
+            }
+            for (pk, sign) in &d.peers {
+                pairs.push((secrets.len(), *pk, *sign));
             }
             secrets.push(secret);
         }
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         masks.extend(derive_pair_seeds(&secrets, &pairs, threads)?);
         mask::apply_all(&masks, &mut sum, threads);
-        self.stats.recovered_dropped = dropped.len();
-        Ok(Unmasked {
-            sum,
-            contributors: self
-                .u3
-                .iter()
-                .filter_map(|&u| self.setup.participants.get(u).cloned())
-                .collect(),
-            metrics: std::mem::take(&mut self.metrics),
-        })
+        for (seed, _) in &mut masks {
+            zeroize::Zeroize::zeroize(seed);
+        }
+        Ok(sum)
     }
 }
 

@@ -54,25 +54,35 @@ impl Quantizer {
 
     /// Quantizes `values` (NaN counts as 0) with randomness from `rng`.
     pub fn quantize(&self, values: &[f32], rng: &mut impl RngCore) -> Vec<u32> {
+        // The rounding bits are drawn a block at a time (one generator call per 16 KiB, not
+        // one per value): 32 bits per value, so the rounding probability is exact to 2^-32.
+        const BLOCK: usize = 4096;
         let c = self.clip as f64;
         let scale = self.levels() as f64 / (2.0 * c);
-        values
-            .iter()
-            .map(|&x| {
+        let levels = self.levels();
+        let mut out = Vec::with_capacity(values.len());
+        let mut bits = [0u32; BLOCK];
+        for chunk in values.chunks(BLOCK) {
+            let bits = &mut bits[..chunk.len()];
+            rng.fill_bytes(bytemuck::cast_slice_mut(bits));
+            out.extend(chunk.iter().zip(bits.iter()).map(|(&x, &r)| {
                 let x = if x.is_nan() {
                     0.0
                 } else {
                     (x as f64).clamp(-c, c)
                 };
+                // y ≥ 0, so truncation is the floor (and a cast, where `floor` is a libm call
+                // on CPUs without SSE4.1 in the baseline target).
                 let y = (x + c) * scale;
-                let floor = y.floor();
-                let frac = y - floor;
-                // 53 random bits → uniform in [0, 1).
-                let u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-                let q = floor as u64 + u64::from(u < frac);
-                q.min(self.levels()) as u32
-            })
-            .collect()
+                let floor = y as u64;
+                let frac = y - floor as f64;
+                // 32 random bits → uniform in [0, 1).
+                let u = u32::from_le(r) as f64 * (1.0 / 4_294_967_296.0);
+                let q = floor + u64::from(u < frac);
+                q.min(levels) as u32
+            }));
+        }
+        out
     }
 
     /// Dequantizes the sum of `n` quantized vectors into the sum of the (clipped) values.

@@ -7,6 +7,11 @@
 //!
 //!     cargo bench -p flotilla-sim --bench platform_overhead [-- clients=100 rounds=4 train_ms=0]
 //!
+//! It also prints the **transport floor**: the same bytes each way per client and round (what
+//! the plain run measured) through bare quinn streams, with the same TLS configuration, the
+//! same transport settings and the same number of connections, and no protocol at all; and the
+//! plain round as a ratio to it.
+//!
 //! Per-round time is the median over the rounds after the first.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
@@ -145,6 +150,93 @@ async fn measure(
     })
 }
 
+/// Bare quinn: `clients` connections with the federation's TLS and transport settings; each
+/// round the server sends `down` bytes on a fresh stream to every client, each client answers
+/// with `up` bytes, and the round ends when all answers are in. Median seconds per round over
+/// the rounds after the first.
+async fn transport_floor(
+    clients: usize,
+    rounds: u64,
+    down: usize,
+    up: usize,
+) -> anyhow::Result<f64> {
+    use flotilla_crypto::pki::Identity;
+    use flotilla_crypto::tls;
+    use std::sync::Arc;
+    let dir = tempfile::tempdir()?;
+    let (pki, ids) = make_pki(&dir.path().join("pki"), clients)?;
+    let config = server_config(&pki, &dir.path().join("ckpt"));
+    let server = flotilla_server::driver::endpoint(&config)?;
+    let addr = server.local_addr()?;
+    let ca = flotilla_crypto::pki::load_certs(&pki.ca_cert())?;
+    let mut clients_done = Vec::new();
+    for id in &ids {
+        let identity = Identity::load(&pki.client_cert(id), &pki.client_key(id))?;
+        let tls = tls::client_config(&identity, &ca)?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls))?;
+        let mut cc = quinn::ClientConfig::new(Arc::new(quic));
+        cc.transport_config(Arc::new(flotilla_protocol::quic::transport_config()));
+        let mut e = quinn::Endpoint::client(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        e.set_default_client_config(cc);
+        clients_done.push(tokio::spawn(async move {
+            let conn = e.connect(addr, "localhost")?.await?;
+            let reply = vec![7u8; up];
+            for _ in 0..rounds {
+                let mut rx = conn.accept_uni().await?;
+                let got = rx.read_to_end(down + 1).await?;
+                anyhow::ensure!(got.len() == down, "short read");
+                let mut tx = conn.open_uni().await?;
+                tx.write_all(&reply).await?;
+                tx.finish()?;
+            }
+            conn.closed().await;
+            anyhow::Ok(())
+        }));
+    }
+    let mut conns = Vec::new();
+    while conns.len() < clients {
+        let incoming = server
+            .accept()
+            .await
+            .ok_or_else(|| anyhow::anyhow!("endpoint closed"))?;
+        conns.push(incoming.await?);
+    }
+    let model = Arc::new(vec![3u8; down]);
+    let mut times = Vec::new();
+    for round in 0..rounds {
+        let started = Instant::now();
+        let tasks: Vec<_> = conns
+            .iter()
+            .cloned()
+            .map(|conn| {
+                let model = model.clone();
+                tokio::spawn(async move {
+                    let mut tx = conn.open_uni().await?;
+                    tx.write_all(&model).await?;
+                    tx.finish()?;
+                    let mut rx = conn.accept_uni().await?;
+                    let got = rx.read_to_end(up + 1).await?;
+                    anyhow::ensure!(got.len() == up, "short read");
+                    anyhow::Ok(())
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await??;
+        }
+        if round > 0 {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    for c in &conns {
+        c.close(0u32.into(), b"done");
+    }
+    for c in clients_done {
+        let _ = tokio::time::timeout(Duration::from_secs(10), c).await;
+    }
+    Ok(median(times))
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |name: &str, default: u64| {
@@ -164,8 +256,12 @@ fn main() -> anyhow::Result<()> {
     let params = cnn_sized(0.0).len() as f64;
     let mib = |b: f64| b / (1024.0 * 1024.0);
     let mut times = Vec::new();
+    let mut plain_bytes = (0usize, 0usize);
     for secure in [false, true] {
         let m = rt.block_on(measure(clients, rounds, train, secure))?;
+        if !secure {
+            plain_bytes = (m.msg_received as usize, m.msg_sent as usize);
+        }
         println!(
             "{}: {clients} clients x {params} params, {rounds} rounds, training {:?}: {:.3} s/round (median of rounds 2-{rounds})",
             if secure {
@@ -191,6 +287,17 @@ fn main() -> anyhow::Result<()> {
     println!(
         "SecAgg+ round time / plain round time: {:.2}",
         times[1] / times[0]
+    );
+    let (down, up) = plain_bytes;
+    let floor = rt.block_on(transport_floor(clients, rounds, down, up))?;
+    println!(
+        "transport floor (bare quinn, same TLS and transport settings, {clients} connections, {:.2} MiB down and {:.2} MiB up per client per round): {floor:.3} s/round (median of rounds 2-{rounds})",
+        mib(down as f64),
+        mib(up as f64)
+    );
+    println!(
+        "plain round time / transport floor: {:.2}",
+        times[0] / floor
     );
     Ok(())
 }

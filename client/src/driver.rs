@@ -522,6 +522,9 @@ async fn drive<T: Trainer + 'static>(
         reader: reader.abort_handle(),
     };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<JobDone<T>>();
+    // The participant's own heavy work (masking a secure update), on a blocking thread so that
+    // heartbeats and messages go on meanwhile; one job per round is out at a time.
+    let (work_tx, mut work_rx) = mpsc::channel::<flotilla_protocol::JobResult>(2);
     let mut pending: Option<Job> = None;
     let mut busy = false;
     // For the per-round log lines: the size of the message last received, and when the
@@ -595,6 +598,13 @@ async fn drive<T: Trainer + 'static>(
                 other => debug!("{other:?}"),
             }
         }
+        while let Some(job) = p.poll_job() {
+            let tx = work_tx.clone();
+            debug!("round {}: {} job started", job.round(), job.kind());
+            tokio::task::spawn_blocking(move || {
+                let _ = tx.blocking_send(job.run());
+            });
+        }
         // Take the trainer only when there is a job for it.
         if !busy
             && pending.is_some()
@@ -637,6 +647,7 @@ async fn drive<T: Trainer + 'static>(
                 }
                 None => break Err(SessionError::Retry("connection reader ended".into(), p.is_enrolled())),
             },
+            Some(result) = work_rx.recv() => p.handle_job_result(Instant::now(), result),
             Some(done) = done_rx.recv() => {
                 busy = false;
                 match done {

@@ -126,6 +126,12 @@ fn run(n: usize, k: usize, drop: f64, identities: &[SecAggIdentity]) -> Outcome 
                 if let Some(m) = c.on_result(res).unwrap() {
                     to_server.push_back((i, m));
                 }
+                // The mask job (a driver runs it on a blocking thread).
+                if let Some(job) = c.take_job()
+                    && let Some(m) = c.handle_mask_result(job.run()).unwrap()
+                {
+                    to_server.push_back((i, m));
+                }
             }
             continue;
         }

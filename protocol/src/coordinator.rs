@@ -614,6 +614,8 @@ impl Coordinator {
                     self.pump_secagg(now);
                 }
             }
+            // Not a coordinator's job (its id could not have matched).
+            Output::Mask(_) => {}
         }
     }
 

@@ -475,6 +475,11 @@ impl Harness {
         let mut out = Vec::new();
         let mut jobs = Vec::new();
         loop {
+            // Heavy work (masking) runs inline, at the simulated instant it was asked for.
+            while let Some(job) = node.participant.poll_job() {
+                let result = job.run();
+                node.participant.handle_job_result(now, result);
+            }
             while let Some(m) = node.participant.poll_transmit() {
                 out.push(m);
             }

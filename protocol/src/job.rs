@@ -1,6 +1,8 @@
 //! Work a machine hands to its driver because it is too heavy for the event loop.
 //!
-//! Removing the masks of a secure round takes seconds at hundreds of clients. Done inside
+//! Removing the masks of a secure round takes seconds at hundreds of clients (the
+//! [`Coordinator`](crate::Coordinator)'s unmask job); masking an update takes tens of
+//! milliseconds for a CNN (the [`Participant`](crate::Participant)'s mask job). Done inside
 //! [`Coordinator::handle_message`](crate::Coordinator::handle_message), it stalled every
 //! other client's I/O (heartbeats, uploads, new connections) for that long. Instead the
 //! machine emits a [`Job`] ([`Coordinator::poll_job`](crate::Coordinator::poll_job)); the
@@ -9,8 +11,9 @@
 //! ([`Coordinator::handle_job_result`](crate::Coordinator::handle_job_result)). A result
 //! whose round has ended meanwhile is ignored.
 
-use crate::secagg::UnmaskJob;
+use crate::secagg::{MaskJob, UnmaskJob};
 use crate::wire::Error;
+use crate::wire::messages::MaskedInput;
 
 /// A piece of heavy, pure computation a machine wants done. See the module docs.
 #[derive(Debug)]
@@ -24,6 +27,7 @@ pub struct Job {
 #[derive(Debug)]
 pub(crate) enum Work {
     Unmask(UnmaskJob),
+    Mask(Box<MaskJob>),
 }
 
 impl Job {
@@ -31,6 +35,7 @@ impl Job {
     pub fn kind(&self) -> &'static str {
         match self.work {
             Work::Unmask(_) => "unmask",
+            Work::Mask(_) => "mask",
         }
     }
 
@@ -43,6 +48,7 @@ impl Job {
     pub fn run(self) -> JobResult {
         let output = match self.work {
             Work::Unmask(j) => Output::Unmask(j.run()),
+            Work::Mask(j) => Output::Mask(j.run()),
         };
         JobResult {
             id: self.id,
@@ -61,4 +67,5 @@ pub struct JobResult {
 #[derive(Debug)]
 pub(crate) enum Output {
     Unmask(Result<Vec<u32>, Error>),
+    Mask(Result<MaskedInput, Error>),
 }

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::Error;
+use crate::job::{Job, JobResult, Output, Work};
 use crate::secagg::{ClientRound, Randomness, SecAggIdentity};
 use crate::wire::messages::{
     AbortReason, Capabilities, ClientId, EvaluateRes, Hello, Message, PROTOCOL_VERSION,
@@ -116,6 +117,11 @@ pub struct Participant {
     heartbeat_seq: u64,
     transmits: VecDeque<Message>,
     events: VecDeque<ParticipantEvent>,
+    /// Heavy work for the driver (the mask job of the open secure round).
+    jobs: VecDeque<Job>,
+    /// The job whose result the machine waits for: (id, round).
+    job_out: Option<(u64, u64)>,
+    next_job: u64,
 }
 
 impl Participant {
@@ -135,6 +141,9 @@ impl Participant {
             heartbeat_seq: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            jobs: VecDeque::new(),
+            job_out: None,
+            next_job: 0,
         }
     }
 
@@ -200,6 +209,53 @@ impl Participant {
             _ => Ok(None),
         };
         match out {
+            Ok(Some(m)) => self.transmits.push_back(m),
+            Ok(None) => {}
+            Err(e) => self.refuse(round, e),
+        }
+        self.take_secure_job();
+    }
+
+    /// Queues the open secure round's mask job, if it has one ready.
+    fn take_secure_job(&mut self) {
+        let Some(sr) = self.secure.as_mut() else {
+            return;
+        };
+        if let Some(job) = sr.take_job() {
+            self.next_job += 1;
+            self.job_out = Some((self.next_job, sr.round()));
+            self.jobs.push_back(Job {
+                id: self.next_job,
+                round: sr.round(),
+                work: Work::Mask(Box::new(job)),
+            });
+        }
+    }
+
+    /// Next piece of heavy work (see [`crate::job`]): run it off the event loop and hand its
+    /// result to [`Participant::handle_job_result`].
+    #[must_use = "a job must be run and its result handed back, or the round stalls"]
+    pub fn poll_job(&mut self) -> Option<Job> {
+        self.jobs.pop_front()
+    }
+
+    /// The result of a job from [`Participant::poll_job`]. A result for a round that is no
+    /// longer open is ignored.
+    pub fn handle_job_result(&mut self, _now: Instant, result: JobResult) {
+        let Some((id, round)) = self.job_out else {
+            return;
+        };
+        if result.id != id {
+            return;
+        }
+        self.job_out = None;
+        let Output::Mask(masked) = result.output else {
+            return;
+        };
+        let Some(sr) = self.secure.as_mut().filter(|s| s.round() == round) else {
+            return;
+        };
+        match sr.handle_mask_result(masked) {
             Ok(Some(m)) => self.transmits.push_back(m),
             Ok(None) => {}
             Err(e) => self.refuse(round, e),
@@ -451,9 +507,10 @@ impl Participant {
             let round = res.round;
             match sr.on_result(res) {
                 Ok(Some(m)) => self.transmits.push_back(m),
-                Ok(None) => {} // sent once the neighbours' shares are in
+                Ok(None) => {} // masked by a job, once the neighbours' shares are in
                 Err(e) => self.refuse(round, e),
             }
+            self.take_secure_job();
             return Ok(());
         }
         self.transmits.push_back(Message::TrainResult(res));

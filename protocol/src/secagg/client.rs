@@ -33,6 +33,8 @@ enum ClientStage {
     Advertised,
     SharesSent,
     SharesReceived,
+    /// The mask job is out ([`ClientRound::take_job`]).
+    Masking,
     MaskedSent,
     Signed,
     Revealed,
@@ -57,6 +59,7 @@ pub struct ClientRound {
     result: Option<TrainRes>,
     signed: Option<Vec<ClientId>>,
     rng: ChaCha20Rng,
+    job: Option<MaskJob>,
     entropy: Box<dyn Entropy + Send>,
 }
 
@@ -125,6 +128,7 @@ impl ClientRound {
                 result: None,
                 signed: None,
                 rng: randomness.input_rng(round)?,
+                job: None,
                 entropy,
             },
             Message::AdvertiseKeys(advert),
@@ -293,6 +297,9 @@ impl ClientRound {
         self.try_mask()
     }
 
+    /// Once both the training result and the neighbours' shares are in: prepares the mask job
+    /// (the pairwise seeds are agreed here, cheaply; quantizing and masking the whole vector
+    /// is the job). The masked input is sent after [`ClientRound::handle_mask_result`].
     fn try_mask(&mut self) -> Result<Option<Message>, Error> {
         if self.stage != ClientStage::SharesReceived {
             return Ok(None);
@@ -300,7 +307,6 @@ impl ClientRound {
         let Some(result) = self.result.take() else {
             return Ok(None);
         };
-        let mut values = encode_input(&self.setup, &self.model, &result, &mut self.rng)?;
         // Seeds are secrets: wiped when `masks` goes, whichever way this returns.
         let mut masks = MaskSeeds(Vec::with_capacity(self.held.len() + 1));
         masks.0.push((*self.b, Sign::Add));
@@ -309,15 +315,39 @@ impl ClientRound {
             let seed = self.s.agree(&peer.s_pk, MASK_PURPOSE)?;
             masks.0.push((*seed, pair_sign(self.me, *v)));
         }
-        // All masks in one pass over the vector, block by block (one thread: a simulation
-        // runs many clients at once, and a device has just trained).
-        mask::apply_all(&masks.0, &mut values, 1);
+        self.job = Some(MaskJob {
+            setup: self.setup.clone(),
+            model: self.model.clone(),
+            result,
+            rng: self.rng.clone(),
+            masks,
+        });
+        self.stage = ClientStage::Masking;
+        Ok(None)
+    }
+
+    /// The mask work, once ready: encoding the update and adding every mask to it (tens of
+    /// milliseconds for a CNN) runs off the client's event loop. Its result goes to
+    /// [`ClientRound::handle_mask_result`].
+    pub fn take_job(&mut self) -> Option<MaskJob> {
+        self.job.take()
+    }
+
+    /// The masked input computed by the job from [`ClientRound::take_job`]: the message to
+    /// send, or why the round must be aborted.
+    pub fn handle_mask_result(
+        &mut self,
+        result: Result<MaskedInput, Error>,
+    ) -> Result<Option<Message>, Error> {
+        if self.stage != ClientStage::Masking {
+            return Ok(None);
+        }
+        let masked = result?;
+        if masked.round != self.round {
+            return Err(sa("mask job of another round"));
+        }
         self.stage = ClientStage::MaskedSent;
-        Ok(Some(Message::MaskedInput(MaskedInput {
-            round: self.round,
-            metrics: result.metrics,
-            values,
-        })))
+        Ok(Some(Message::MaskedInput(masked)))
     }
 
     /// Phase 3a: checks and signs the survivor list.
@@ -446,5 +476,40 @@ impl Drop for MaskSeeds {
         for (seed, _) in &mut self.0 {
             zeroize::Zeroize::zeroize(seed);
         }
+    }
+}
+
+/// A client's heavy step of a secure round: encode its update (clip, scale, stochastic
+/// rounding) and add its self mask and every pairwise mask, in one pass over the vector.
+/// Pure computation: a driver runs it on a blocking thread, the test harness inline.
+pub struct MaskJob {
+    setup: SecAggSetup,
+    model: Params,
+    result: TrainRes,
+    rng: ChaCha20Rng,
+    masks: MaskSeeds,
+}
+
+impl std::fmt::Debug for MaskJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MaskJob")
+            .field("round", &self.result.round)
+            .field("len", &self.model.len())
+            .field("masks", &self.masks.0.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MaskJob {
+    /// Runs the job: the masked input to send.
+    pub fn run(mut self) -> Result<MaskedInput, Error> {
+        let mut values = encode_input(&self.setup, &self.model, &self.result, &mut self.rng)?;
+        // One thread: a simulation runs many clients at once, and a device has just trained.
+        mask::apply_all(&self.masks.0, &mut values, 1);
+        Ok(MaskedInput {
+            round: self.result.round,
+            metrics: std::mem::take(&mut self.result.metrics),
+            values,
+        })
     }
 }

@@ -325,5 +325,5 @@ mod client;
 mod server;
 mod setup;
 
-pub use client::ClientRound;
+pub use client::{ClientRound, MaskJob};
 pub use server::{Handled, SecAggStats, ServerRound, Stage, UnmaskJob, Unmasked};

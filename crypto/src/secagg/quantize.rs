@@ -73,13 +73,15 @@ impl Quantizer {
                 };
                 // y ≥ 0, so truncation is the floor (and a cast, where `floor` is a libm call
                 // on CPUs without SSE4.1 in the baseline target).
+                // (`i64`, not `u64`: x86-64 converts signed integers in one instruction; y is
+                // below 2^31.)
                 let y = (x + c) * scale;
-                let floor = y as u64;
+                let floor = y as i64;
                 let frac = y - floor as f64;
                 // 32 random bits → uniform in [0, 1).
                 let u = u32::from_le(r) as f64 * (1.0 / 4_294_967_296.0);
-                let q = floor + u64::from(u < frac);
-                q.min(levels) as u32
+                let q = floor + i64::from(u < frac);
+                q.clamp(0, levels as i64) as u32
             }));
         }
         out

@@ -8,6 +8,8 @@
 //! * [`tls`]: the rustls configurations for mutual TLS 1.3 with the ring provider.
 //! * [`secagg`]: building blocks of secure aggregation: Shamir sharing, the AES-256-CTR mask
 //!   generator, clipping and stochastic quantization.
+//! * [`dp`]: Gaussian noise, L2 clipping and the Rényi DP accountant.
+//! * [`fs`]: atomic file writes (checkpoints, keys, revocation lists).
 //!
 //! Everything here uses `ring` (through `rcgen` and `rustls-pki-types` for certificates) for
 //! randomness, signatures and hashing.
@@ -24,6 +26,7 @@
 )]
 
 pub mod dp;
+pub mod fs;
 pub mod pki;
 pub mod secagg;
 pub mod tls;

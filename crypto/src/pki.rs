@@ -15,7 +15,6 @@
 //! ```
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -86,8 +85,8 @@ impl std::fmt::Debug for IssuedCert {
 impl IssuedCert {
     /// Writes the certificate (mode 0644) and the key (mode 0600).
     pub fn save(&self, cert: &Path, key: &Path) -> Result<(), Error> {
-        write_file(cert, self.cert_pem.as_bytes(), 0o644)?;
-        write_file(key, self.key_pem.as_bytes(), 0o600)
+        crate::fs::write_atomic(cert, self.cert_pem.as_bytes(), 0o644)?;
+        crate::fs::write_atomic(key, self.key_pem.as_bytes(), 0o600)
     }
 
     /// The certificate as DER.
@@ -97,47 +96,6 @@ impl IssuedCert {
             reason: e.to_string(),
         })
     }
-}
-
-/// Writes `data` to `path` atomically (temporary file, fsync, rename) with `mode` on Unix.
-pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        fs::create_dir_all(dir).map_err(io)?;
-    }
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut f = opts.open(&tmp).map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    #[cfg(unix)]
-    {
-        // `mode` applies only when the file is created; make sure of it either way.
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(io)?;
-    }
-    fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(d) = fs::File::open(dir)
-    {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, Error> {
@@ -424,8 +382,8 @@ impl CertificateAuthority {
 
     /// Writes the CA certificate and key (key mode 0600).
     pub fn save(&self, cert: &Path, key: &Path) -> Result<(), Error> {
-        write_file(cert, self.cert_pem.as_bytes(), 0o644)?;
-        write_file(
+        crate::fs::write_atomic(cert, self.cert_pem.as_bytes(), 0o644)?;
+        crate::fs::write_atomic(
             key,
             Zeroizing::new(self.issuer.key().serialize_pem()).as_bytes(),
             0o600,
@@ -651,7 +609,7 @@ impl PkiDir {
         }
         let ca = CertificateAuthority::generate(name, CA_DAYS)?;
         ca.save(&self.ca_cert(), &self.ca_key())?;
-        write_file(&self.crl(), ca.crl(&[], 1, CRL_DAYS)?.as_bytes(), 0o644)?;
+        crate::fs::write_atomic(&self.crl(), ca.crl(&[], 1, CRL_DAYS)?.as_bytes(), 0o644)?;
         Ok(ca)
     }
 
@@ -709,7 +667,7 @@ impl PkiDir {
         };
         text.push_str(&hex_string(&serial));
         text.push('\n');
-        write_file(&ledger, text.as_bytes(), 0o644)?;
+        crate::fs::write_atomic(&ledger, text.as_bytes(), 0o644)?;
         issued.save(&self.client_cert(id), &self.client_key(id))
     }
 
@@ -766,7 +724,7 @@ impl PkiDir {
             }
         }
         let crl = self.ca()?.crl(&serials, number + 1, CRL_DAYS)?;
-        write_file(&self.crl(), crl.as_bytes(), 0o644)
+        crate::fs::write_atomic(&self.crl(), crl.as_bytes(), 0o644)
     }
 }
 

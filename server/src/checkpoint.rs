@@ -326,7 +326,7 @@ pub fn export_safetensors(params: &Params, path: &Path) -> Result<(), Error> {
         path: path.to_path_buf(),
         reason: format!("safetensors: {e}"),
     })?;
-    flotilla_crypto::pki::write_file(path, &bytes, 0o644).map_err(|e| Error::Checkpoint {
+    flotilla_crypto::fs::write_atomic(path, &bytes, 0o644).map_err(|e| Error::Checkpoint {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })

@@ -308,6 +308,6 @@ pub async fn run(opts: Options) -> anyhow::Result<Summary> {
 fn write_summary(dir: &Path, s: &Summary) -> anyhow::Result<PathBuf> {
     let path = dir.join("summary.json");
     let json = serde_json::to_vec_pretty(s)?;
-    flotilla_crypto::pki::write_file(&path, &json, 0o644)?;
+    flotilla_crypto::fs::write_atomic(&path, &json, 0o644)?;
     Ok(path)
 }

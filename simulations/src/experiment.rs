@@ -15,7 +15,7 @@
 //! JSON), accuracy and loss curves (SVG, PNG) and a summary with the rounds needed to reach
 //! the target accuracy.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -775,10 +775,16 @@ impl Run<'_> {
         let mut h = Harness::new(coordinator, exp.seed);
         let f = exp.faults.clone();
         if f.any_dropout() || f.message_loss > 0.0 || f.message_delay_ms > 0 {
-            let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0xF417);
+            // One generator per client, seeded from the run's seed and the client's id: a
+            // client's faults depend on its own messages only, so other clients' traffic (or a
+            // message kind no fault touches, such as heartbeats) does not reshuffle them.
+            let seed = exp.seed ^ 0xF417;
+            let mut rngs: BTreeMap<ClientId, ChaCha8Rng> = BTreeMap::new();
             h.set_filter(Box::new(move |env| {
-                // No draw where nothing can happen: a message kind that no fault touches (a
-                // heartbeat) must not reshuffle every fault of a seeded run.
+                let rng = rngs.entry(env.client.clone()).or_insert_with(|| {
+                    ChaCha8Rng::seed_from_u64(seed ^ fnv1a(env.client.as_str().as_bytes()))
+                });
+                // No draw where nothing can happen.
                 let lost = f.message_loss > 0.0 && rng.random_bool(f.message_loss.clamp(0.0, 1.0));
                 // A client's message of any phase of a round may be its last: the client goes
                 // silent and the server times it out of the phase.
@@ -1060,4 +1066,12 @@ fn write_csv(out: &Path, rows: &[RoundMetrics]) -> anyhow::Result<()> {
     std::fs::write(&tmp, csv).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, out.join("metrics.csv"))?;
     Ok(())
+}
+
+/// FNV-1a (64-bit): a stable hash of a client id for seeding (std's hasher is not specified
+/// to stay the same across Rust releases).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }

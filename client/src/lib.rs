@@ -15,7 +15,7 @@
 //! Burn 0.22 has no backend type parameter: models hold tensors on a runtime `Device`, so all
 //! of this code is backend-agnostic and only [`backend::select_device`] names a backend.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 #![cfg_attr(
     test,
     allow(

@@ -14,7 +14,7 @@
 //! Everything here uses `ring` (through `rcgen` and `rustls-pki-types` for certificates) for
 //! randomness, signatures and hashing.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 #![cfg_attr(
     test,
     allow(

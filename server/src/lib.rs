@@ -10,7 +10,7 @@
 //! * [`checkpoint`]: atomic, checksummed checkpoints after every round; resume from the
 //!   newest valid one; safetensors export.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 #![cfg_attr(
     test,
     allow(

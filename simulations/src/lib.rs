@@ -7,7 +7,7 @@
 //! * [`quickstart`]: the README's first command: 10 clients, the bundled MNIST subset split IID,
 //!   5 rounds of FedAvg, progress per round, `summary.json`.
 
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod byzantine;
 pub mod evaluation;

@@ -781,18 +781,24 @@ impl Run<'_> {
             let seed = exp.seed ^ 0xF417;
             let mut rngs: BTreeMap<ClientId, ChaCha8Rng> = BTreeMap::new();
             h.set_filter(Box::new(move |env| {
-                let rng = rngs.entry(env.client.clone()).or_insert_with(|| {
-                    ChaCha8Rng::seed_from_u64(seed ^ fnv1a(env.client.as_str().as_bytes()))
-                });
-                // No draw where nothing can happen.
-                let lost = f.message_loss > 0.0 && rng.random_bool(f.message_loss.clamp(0.0, 1.0));
                 // A client's message of any phase of a round may be its last: the client goes
                 // silent and the server times it out of the phase.
                 let p = match env.direction {
                     Direction::ToServer => f.dropout_for(env.message.kind()),
                     Direction::ToClient => 0.0,
                 };
-                let dropped = p > 0.0 && rng.random_bool(p);
+                // No draw (and no generator kept) where nothing can happen: a client that
+                // only said hello costs nothing here.
+                let (lost, dropped) = if f.message_loss > 0.0 || p > 0.0 {
+                    let rng = rngs.entry(env.client.clone()).or_insert_with(|| {
+                        ChaCha8Rng::seed_from_u64(seed ^ fnv1a(env.client.as_str().as_bytes()))
+                    });
+                    let lost =
+                        f.message_loss > 0.0 && rng.random_bool(f.message_loss.clamp(0.0, 1.0));
+                    (lost, p > 0.0 && rng.random_bool(p))
+                } else {
+                    (false, false)
+                };
                 if lost || dropped {
                     Action::Drop
                 } else if f.message_delay_ms > 0 {

@@ -27,7 +27,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::Error;
 use crate::dp::{DpConfig, DpMode, PrivacyReport};
-use crate::job::{Job, JobResult, Output, Work};
+use crate::job::{Job, JobResult, Jobs, Output, Work};
 use crate::registry::Registry;
 use crate::secagg::{Handled, SecAggConfig, SecAggStats, ServerRound};
 use crate::strategy::{
@@ -420,11 +420,8 @@ pub struct Coordinator {
     last_snapshot: Option<Snapshot>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
-    /// Heavy work for the driver (at most one per round is out at a time).
-    jobs: VecDeque<Job>,
-    /// The job whose result the machine waits for: (id, round).
-    job_out: Option<(u64, u64)>,
-    next_job: u64,
+    /// Heavy work for the driver.
+    jobs: Jobs,
     /// The unmasked quantized sum of the last secure round (for audits and tests).
     last_unmasked: Option<Vec<u32>>,
     /// Privacy spent (if DP is on).
@@ -480,9 +477,7 @@ impl Coordinator {
             last_snapshot: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
-            jobs: VecDeque::new(),
-            job_out: None,
-            next_job: 0,
+            jobs: Jobs::default(),
             last_unmasked: None,
             accountant,
             round_privacy: None,
@@ -591,20 +586,16 @@ impl Coordinator {
     /// goes on.
     #[must_use = "a job must be run and its result handed back, or its round never ends"]
     pub fn poll_job(&mut self) -> Option<Job> {
-        self.jobs.pop_front()
+        self.jobs.pop()
     }
 
     /// The result of a job from [`Coordinator::poll_job`]. A result for a round that ended
     /// meanwhile (or one this machine did not ask for) is ignored.
     pub fn handle_job_result(&mut self, now: Instant, result: JobResult) {
-        let Some((id, round)) = self.job_out else {
+        let Some((round, output)) = self.jobs.accept(result) else {
             return;
         };
-        if result.id != id {
-            return;
-        }
-        self.job_out = None;
-        match result.output {
+        match output {
             Output::Unmask(sum) => {
                 if let Phase::Train(t) = &mut self.phase
                     && t.round == round
@@ -1383,13 +1374,7 @@ impl Coordinator {
         };
         self.transmits.extend(sa.drain_transmits());
         if let Some(job) = sa.take_job() {
-            self.next_job += 1;
-            self.job_out = Some((self.next_job, t.round));
-            self.jobs.push_back(Job {
-                id: self.next_job,
-                round: t.round,
-                work: Work::Unmask(job),
-            });
+            self.jobs.push(t.round, Work::Unmask(job));
         }
         if let Some(stage) = sa.take_stage_change() {
             self.events.push_back(Event::SecureStage {

@@ -69,3 +69,43 @@ pub(crate) enum Output {
     Unmask(Result<Vec<u32>, Error>),
     Mask(Result<MaskedInput, Error>),
 }
+
+/// The jobs a machine has handed out, and the one whose result it waits for (at most one per
+/// round is out at a time). Shared by the [`Coordinator`](crate::Coordinator) and the
+/// [`Participant`](crate::Participant).
+#[derive(Debug, Default)]
+pub(crate) struct Jobs {
+    queue: std::collections::VecDeque<Job>,
+    /// (id, round) of the job whose result is awaited.
+    out: Option<(u64, u64)>,
+    next: u64,
+}
+
+impl Jobs {
+    /// Queues `work` for `round`; its result is now the one awaited.
+    pub(crate) fn push(&mut self, round: u64, work: Work) {
+        self.next += 1;
+        self.out = Some((self.next, round));
+        self.queue.push_back(Job {
+            id: self.next,
+            round,
+            work,
+        });
+    }
+
+    /// The next job for the driver.
+    pub(crate) fn pop(&mut self) -> Option<Job> {
+        self.queue.pop_front()
+    }
+
+    /// The round and output of `result` if it is the awaited one; `None` for a stale result.
+    pub(crate) fn accept(&mut self, result: JobResult) -> Option<(u64, Output)> {
+        match self.out {
+            Some((id, round)) if id == result.id => {
+                self.out = None;
+                Some((round, result.output))
+            }
+            _ => None,
+        }
+    }
+}

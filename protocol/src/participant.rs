@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::Error;
-use crate::job::{Job, JobResult, Output, Work};
+use crate::job::{Job, JobResult, Jobs, Output, Work};
 use crate::secagg::{ClientRound, Randomness, SecAggIdentity};
 use crate::wire::messages::{
     AbortReason, Capabilities, ClientId, EvaluateRes, Hello, Message, PROTOCOL_VERSION,
@@ -118,10 +118,7 @@ pub struct Participant {
     transmits: VecDeque<Message>,
     events: VecDeque<ParticipantEvent>,
     /// Heavy work for the driver (the mask job of the open secure round).
-    jobs: VecDeque<Job>,
-    /// The job whose result the machine waits for: (id, round).
-    job_out: Option<(u64, u64)>,
-    next_job: u64,
+    jobs: Jobs,
 }
 
 impl Participant {
@@ -141,9 +138,7 @@ impl Participant {
             heartbeat_seq: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
-            jobs: VecDeque::new(),
-            job_out: None,
-            next_job: 0,
+            jobs: Jobs::default(),
         }
     }
 
@@ -222,13 +217,7 @@ impl Participant {
             return;
         };
         if let Some(job) = sr.take_job() {
-            self.next_job += 1;
-            self.job_out = Some((self.next_job, sr.round()));
-            self.jobs.push_back(Job {
-                id: self.next_job,
-                round: sr.round(),
-                work: Work::Mask(Box::new(job)),
-            });
+            self.jobs.push(sr.round(), Work::Mask(Box::new(job)));
         }
     }
 
@@ -236,20 +225,13 @@ impl Participant {
     /// result to [`Participant::handle_job_result`].
     #[must_use = "a job must be run and its result handed back, or the round stalls"]
     pub fn poll_job(&mut self) -> Option<Job> {
-        self.jobs.pop_front()
+        self.jobs.pop()
     }
 
     /// The result of a job from [`Participant::poll_job`]. A result for a round that is no
     /// longer open is ignored.
     pub fn handle_job_result(&mut self, _now: Instant, result: JobResult) {
-        let Some((id, round)) = self.job_out else {
-            return;
-        };
-        if result.id != id {
-            return;
-        }
-        self.job_out = None;
-        let Output::Mask(masked) = result.output else {
+        let Some((round, Output::Mask(masked))) = self.jobs.accept(result) else {
             return;
         };
         let Some(sr) = self.secure.as_mut().filter(|s| s.round() == round) else {
@@ -346,7 +328,9 @@ impl Participant {
                 // 0: the server does not time idle clients out, and heartbeats would only
                 // cost messages (a simulation of thousands of waiting clients).
                 if w.heartbeat_ms > 0 {
-                    let every = Duration::from_millis(w.heartbeat_ms.max(100));
+                    // The server's number, bounded: at most ten a second, at least one an
+                    // hour (an absurd interval would overflow the clock arithmetic).
+                    let every = Duration::from_millis(w.heartbeat_ms.clamp(100, 3_600_000));
                     self.heartbeat = Some(every);
                     self.next_heartbeat = Some(now + every);
                 }

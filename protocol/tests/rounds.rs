@@ -862,3 +862,33 @@ fn contradictory_secure_aggregation_settings_are_refused_at_start() {
         .to_string();
     assert!(err.contains("overflows the 32-bit sum"), "{err}");
 }
+
+#[test]
+fn a_servers_heartbeat_interval_is_bounded() {
+    // The interval comes from the server: u64::MAX milliseconds would overflow `now + every`
+    // (a panic); it is held to one hour. Too small is held to 100 ms, 0 means none.
+    use flotilla_protocol::Participant;
+    use flotilla_protocol::wire::messages::{Capabilities, Welcome};
+    let now = std::time::Instant::now();
+    for (asked, every) in [
+        (u64::MAX, Some(Duration::from_secs(3600))),
+        (1, Some(Duration::from_millis(100))),
+        (0, None),
+    ] {
+        let mut p = Participant::new(Capabilities::default());
+        p.connect(now);
+        p.handle_message(
+            now,
+            Message::Welcome(Welcome {
+                client_id: id(0),
+                heartbeat_ms: asked,
+            }),
+        )
+        .unwrap();
+        assert_eq!(
+            p.poll_timeout(),
+            every.map(|e| now + e),
+            "heartbeat_ms = {asked}"
+        );
+    }
+}

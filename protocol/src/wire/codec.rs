@@ -310,105 +310,46 @@ impl Encoded<'_> {
     }
 }
 
+/// The one mapping from a [`Message`] to its wire form: a control body and the 4-byte words
+/// that follow it. The match is exhaustive on purpose: a new message kind does not compile
+/// until it is given an encoding here (and a decoding in `complete_without_payload` or
+/// [`PayloadAssembler::finish`]).
 fn to_control(msg: &Message) -> (Control, Option<&[f32]>) {
-    let (control, params) = to_control_params(msg);
-    match (control, msg) {
-        (Some(c), _) => (c, params.map(|p| p.values())),
-        (None, m) => secagg_control(m),
-    }
-}
-
-/// Controls of the SecAgg messages. The masked words travel as raw little-endian 4-byte words
-/// like tensor values; they are reinterpreted, never converted, so every bit survives.
-fn secagg_control(msg: &Message) -> (Control, Option<&[f32]>) {
-    let c = match msg {
-        Message::AdvertiseKeys(a) => Control::AdvertiseKeys(a.clone()),
-        Message::NeighbourKeys { round, adverts } => Control::NeighbourKeys {
-            round: *round,
-            adverts: adverts.clone(),
-        },
-        Message::ShareKeys { round, shares } => Control::ShareKeys {
-            round: *round,
-            shares: shares.clone(),
-        },
-        Message::ForwardShares { round, shares } => Control::ForwardShares {
-            round: *round,
-            shares: shares.clone(),
-        },
-        Message::MaskedInput(m) => {
-            return (
-                Control::MaskedInput {
-                    round: m.round,
-                    metrics: m.metrics.clone(),
-                    len: m.values.len() as u64,
-                },
-                Some(bytemuck::cast_slice(&m.values)),
-            );
-        }
-        Message::Survivors { round, survivors } => Control::Survivors {
-            round: *round,
-            survivors: survivors.clone(),
-        },
-        Message::SurvivorsSigned { round, signature } => Control::SurvivorsSigned {
-            round: *round,
-            signature: signature.clone(),
-        },
-        Message::Unmask(u) => Control::Unmask(u.clone()),
-        Message::UnmaskShares {
-            round,
-            self_mask,
-            keys,
-        } => Control::UnmaskShares {
-            round: *round,
-            self_mask: self_mask.clone(),
-            keys: keys.clone(),
-        },
-        // Every other kind is handled by `to_control_params`.
-        other => Control::Abort {
-            round: None,
-            reason: AbortReason::Other(format!("unencodable {}", other.kind())),
-        },
-    };
-    (c, None)
-}
-
-fn to_control_params(msg: &Message) -> (Option<Control>, Option<&Params>) {
-    let (c, p) = match msg {
+    let model = |p: &Params| (**p.manifest()).clone();
+    match msg {
         Message::Hello(h) => (Control::Hello(h.clone()), None),
         Message::Welcome(w) => (Control::Welcome(w.clone()), None),
         Message::GetParams => (Control::GetParams, None),
         Message::InitialParams(p) => (
-            Control::InitialParams {
-                manifest: (**p.manifest()).clone(),
-            },
-            Some(p),
+            Control::InitialParams { manifest: model(p) },
+            Some(p.values()),
         ),
         Message::Train(t) => (
             Control::Train {
                 round: t.round,
                 config: t.config.clone(),
                 deadline_ms: t.deadline_ms,
-                manifest: (**t.model.manifest()).clone(),
+                manifest: model(&t.model),
                 secagg: t.secagg.clone(),
             },
-            Some(&t.model),
+            Some(t.model.values()),
         ),
         Message::TrainResult(r) => (
             Control::TrainResult {
                 round: r.round,
                 num_examples: r.num_examples,
                 metrics: r.metrics.clone(),
-                manifest: (**r.params.manifest()).clone(),
+                manifest: model(&r.params),
             },
-            Some(&r.params),
+            Some(r.params.values()),
         ),
         Message::Evaluate(e) => (
             Control::Evaluate {
                 round: e.round,
                 deadline_ms: e.deadline_ms,
-                manifest: (**e.model.manifest()).clone(),
+                manifest: model(&e.model),
             },
-            Some(&e.model),
+            Some(e.model.values()),
         ),
         Message::EvaluateResult(r) => (Control::EvaluateResult(r.clone()), None),
         Message::Abort { round, reason } => (
@@ -420,9 +361,66 @@ fn to_control_params(msg: &Message) -> (Option<Control>, Option<&Params>) {
             None,
         ),
         Message::Heartbeat { seq } => (Control::Heartbeat { seq: *seq }, None),
-        _ => return (None, None),
-    };
-    (Some(c), p)
+        Message::AdvertiseKeys(a) => (Control::AdvertiseKeys(a.clone()), None),
+        Message::NeighbourKeys { round, adverts } => (
+            Control::NeighbourKeys {
+                round: *round,
+                adverts: adverts.clone(),
+            },
+            None,
+        ),
+        Message::ShareKeys { round, shares } => (
+            Control::ShareKeys {
+                round: *round,
+                shares: shares.clone(),
+            },
+            None,
+        ),
+        Message::ForwardShares { round, shares } => (
+            Control::ForwardShares {
+                round: *round,
+                shares: shares.clone(),
+            },
+            None,
+        ),
+        // The masked words travel as raw little-endian 4-byte words like tensor values; they
+        // are reinterpreted, never converted, so every bit survives.
+        Message::MaskedInput(m) => (
+            Control::MaskedInput {
+                round: m.round,
+                metrics: m.metrics.clone(),
+                len: m.values.len() as u64,
+            },
+            Some(bytemuck::cast_slice(&m.values)),
+        ),
+        Message::Survivors { round, survivors } => (
+            Control::Survivors {
+                round: *round,
+                survivors: survivors.clone(),
+            },
+            None,
+        ),
+        Message::SurvivorsSigned { round, signature } => (
+            Control::SurvivorsSigned {
+                round: *round,
+                signature: signature.clone(),
+            },
+            None,
+        ),
+        Message::Unmask(u) => (Control::Unmask(u.clone()), None),
+        Message::UnmaskShares {
+            round,
+            self_mask,
+            keys,
+        } => (
+            Control::UnmaskShares {
+                round: *round,
+                self_mask: self_mask.clone(),
+                keys: keys.clone(),
+            },
+            None,
+        ),
+    }
 }
 
 /// Encodes a message. Fails only if the control body would exceed the default cap.

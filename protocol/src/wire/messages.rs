@@ -489,7 +489,17 @@ impl Message {
             | Message::Survivors { round, .. }
             | Message::SurvivorsSigned { round, .. }
             | Message::UnmaskShares { round, .. } => Some(*round),
-            _ => None,
+            // Listed, not `_`: a new SecAgg message must not silently have no round.
+            Message::Hello(_)
+            | Message::Welcome(_)
+            | Message::GetParams
+            | Message::InitialParams(_)
+            | Message::Train(_)
+            | Message::TrainResult(_)
+            | Message::Evaluate(_)
+            | Message::EvaluateResult(_)
+            | Message::Abort { .. }
+            | Message::Heartbeat { .. } => None,
         }
     }
 
@@ -500,7 +510,22 @@ impl Message {
             Message::Train(t) => Some(&t.model),
             Message::TrainResult(r) => Some(&r.params),
             Message::Evaluate(e) => Some(&e.model),
-            _ => None,
+            // Listed, not `_`: a new message carrying a model must say so.
+            Message::Hello(_)
+            | Message::Welcome(_)
+            | Message::GetParams
+            | Message::EvaluateResult(_)
+            | Message::Abort { .. }
+            | Message::Heartbeat { .. }
+            | Message::AdvertiseKeys(_)
+            | Message::NeighbourKeys { .. }
+            | Message::ShareKeys { .. }
+            | Message::ForwardShares { .. }
+            | Message::MaskedInput(_)
+            | Message::Survivors { .. }
+            | Message::SurvivorsSigned { .. }
+            | Message::Unmask(_)
+            | Message::UnmaskShares { .. } => None,
         }
     }
 }

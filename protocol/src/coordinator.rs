@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::Error;
 use crate::dp::{DpConfig, DpMode, PrivacyReport};
 use crate::job::{Job, JobResult, Jobs, Output, Work};
 use crate::registry::Registry;
@@ -40,6 +39,7 @@ use crate::wire::messages::{
     PROTOCOL_VERSION, TrainIns, TrainRes, Welcome,
 };
 use crate::wire::params::Params;
+use crate::{Error, InvalidMessage};
 use flotilla_crypto::dp::RdpAccountant;
 
 /// Configuration of the round machine.
@@ -196,45 +196,52 @@ pub struct RoundRecord {
     pub privacy: Option<PrivacyReport>,
 }
 
-/// Why the coordinator dropped a client: a closed set, so that operators can count drops by
-/// reason (the event's text has the details).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DropKind {
-    /// A message that could not be decoded (or broke a bound).
-    Malformed,
-    /// Nothing heard from it for the idle timeout.
-    Idle,
+pub use crate::strategy::DropKind;
+
+/// Why the coordinator dropped a client, with the error that caused it: match the variant
+/// (and the [`Error`]'s), not the text.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// A message that could not be decoded, or broke a bound.
+    Malformed(Error),
+    /// Nothing heard from it for this long (the idle timeout).
+    Idle(Duration),
     /// Asked for the initial model, it did not send one in time.
     NoInitialParams,
     /// A well-formed message that breaks the protocol (wrong phase, wrong round, bad sizes,
     /// a failed secure-aggregation check...).
-    ProtocolViolation,
+    ProtocolViolation(Error),
 }
 
-impl DropKind {
-    /// Every kind.
-    pub const ALL: [DropKind; 4] = [
-        Self::Malformed,
-        Self::Idle,
-        Self::NoInitialParams,
-        Self::ProtocolViolation,
-    ];
-
-    /// The kind's name (`snake_case`, as in metric labels).
-    pub fn as_str(self) -> &'static str {
+impl DropReason {
+    /// The reason's kind, for counting.
+    pub fn kind(&self) -> DropKind {
         match self {
-            Self::Malformed => "malformed",
-            Self::Idle => "idle",
-            Self::NoInitialParams => "no_initial_params",
-            Self::ProtocolViolation => "protocol_violation",
+            Self::Malformed(_) => DropKind::Malformed,
+            Self::Idle(_) => DropKind::Idle,
+            Self::NoInitialParams => DropKind::NoInitialParams,
+            Self::ProtocolViolation(_) => DropKind::ProtocolViolation,
+        }
+    }
+
+    /// The error behind the drop, if a message caused it.
+    pub fn error(&self) -> Option<&Error> {
+        match self {
+            Self::Malformed(e) | Self::ProtocolViolation(e) => Some(e),
+            Self::Idle(_) | Self::NoInitialParams => None,
         }
     }
 }
 
-impl std::fmt::Display for DropKind {
+impl std::fmt::Display for DropReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        match self {
+            Self::Malformed(e) => write!(f, "malformed message: {e}"),
+            Self::Idle(after) => write!(f, "no message for {after:?}"),
+            Self::NoInitialParams => f.write_str("did not send initial parameters in time"),
+            Self::ProtocolViolation(e) => write!(f, "{e}"),
+        }
     }
 }
 
@@ -249,10 +256,8 @@ pub enum Event {
     ClientDropped {
         /// Who.
         client: ClientId,
-        /// Why, as one of a closed set (for counting).
-        kind: DropKind,
-        /// Why, in words.
-        reason: String,
+        /// Why ([`DropReason::kind`] for counting).
+        reason: DropReason,
     },
     /// The coordinator received the initial model.
     ModelInitialized,
@@ -664,12 +669,7 @@ impl Coordinator {
 
     /// A message from `client` could not be decoded: the client is dropped.
     pub fn handle_malformed(&mut self, now: Instant, client: &ClientId, error: &Error) {
-        self.drop_client(
-            now,
-            client,
-            DropKind::Malformed,
-            format!("malformed message: {error}"),
-        );
+        self.drop_client(now, client, DropReason::Malformed(error.clone()));
     }
 
     /// The driver is serving: the machine says what it waits for
@@ -684,7 +684,7 @@ impl Coordinator {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(idle) = self.config.idle_timeout {
             for id in self.registry.idle(now, idle) {
-                self.drop_client(now, &id, DropKind::Idle, format!("no message for {idle:?}"));
+                self.drop_client(now, &id, DropReason::Idle(idle));
             }
         }
         match &mut self.phase {
@@ -692,12 +692,7 @@ impl Coordinator {
                 asked, deadline, ..
             } if now >= *deadline => {
                 let asked = asked.clone();
-                self.drop_client(
-                    now,
-                    &asked,
-                    DropKind::NoInitialParams,
-                    "did not send initial parameters in time".into(),
-                );
+                self.drop_client(now, &asked, DropReason::NoInitialParams);
             }
             Phase::Train(t) if t.secagg.is_some() => {
                 if let Some(sa) = &mut t.secagg {
@@ -742,7 +737,7 @@ impl Coordinator {
         match self.process(now, from, msg) {
             Ok(()) => Ok(()),
             Err(e) => {
-                self.drop_client(now, from, DropKind::ProtocolViolation, e.to_string());
+                self.drop_client(now, from, DropReason::ProtocolViolation(e.clone()));
                 Err(e)
             }
         }
@@ -812,11 +807,7 @@ impl Coordinator {
                 if round.is_none() {
                     self.remove_client(now, from);
                 }
-                self.fail(
-                    now,
-                    from,
-                    FailureReason::Invalid(format!("client aborted: {reason}")),
-                );
+                self.fail(now, from, FailureReason::Aborted(reason.clone()));
                 Ok(())
             }
             other => Err(Error::UnexpectedMessage {
@@ -834,8 +825,8 @@ impl Coordinator {
                 let got = ModelSummary::of(p.manifest());
                 let declared = self.registry.capabilities(from).and_then(|c| c.model);
                 if declared.is_some_and(|d| d.digest != got.digest) {
-                    return Err(Error::InvalidMessage(format!(
-                        "initial parameters ({got}) are not the model the client declared"
+                    return Err(Error::InvalidMessage(InvalidMessage::UndeclaredModel(
+                        got.to_string(),
                     )));
                 }
                 self.global = Some(p);
@@ -874,15 +865,14 @@ impl Coordinator {
             return self.late_or_invalid(from, r.round, "TrainResult");
         }
         if current.secagg.is_some() {
-            return Err(Error::InvalidMessage(
+            return Err(Error::InvalidMessage(InvalidMessage::WrongMode(
                 "a plain training result in a secure-aggregation round".into(),
-            ));
+            )));
         }
         if !current.selected.contains(from) {
-            return Err(Error::InvalidMessage(format!(
-                "training result for round {} from a client that was not sampled",
-                r.round
-            )));
+            return Err(Error::InvalidMessage(InvalidMessage::NotSampled {
+                round: r.round,
+            }));
         }
         if !current.pending.contains(from) {
             // A duplicate (or a result after the client already failed): ignore it.
@@ -893,9 +883,7 @@ impl Coordinator {
             return Ok(());
         }
         if r.num_examples == 0 {
-            return Err(Error::InvalidMessage(
-                "training result with zero examples".into(),
-            ));
+            return Err(Error::InvalidMessage(InvalidMessage::ZeroExamples));
         }
         if r.num_examples > self.config.max_examples {
             return Err(Error::LimitExceeded {
@@ -941,7 +929,9 @@ impl Coordinator {
             return Ok(());
         }
         if !r.loss.is_finite() || r.metrics.values().any(|v| !v.is_finite()) {
-            return Err(Error::InvalidMessage("non-finite evaluation result".into()));
+            return Err(Error::InvalidMessage(InvalidMessage::NonFinite(
+                "evaluation result".into(),
+            )));
         }
         if r.num_examples > self.config.max_examples {
             return Err(Error::LimitExceeded {
@@ -972,29 +962,31 @@ impl Coordinator {
             });
             Ok(())
         } else {
-            Err(Error::InvalidMessage(format!(
-                "{kind} for round {round}, but the current round is {}",
-                self.round
-            )))
+            Err(Error::InvalidMessage(InvalidMessage::FutureRound {
+                kind,
+                round,
+                current: self.round,
+            }))
         }
     }
 
     /// Removes a client, tells it why, and records the failure.
-    fn drop_client(&mut self, now: Instant, client: &ClientId, kind: DropKind, reason: String) {
+    fn drop_client(&mut self, now: Instant, client: &ClientId, reason: DropReason) {
+        let text = reason.to_string();
         self.transmits.push_back((
             client.clone(),
             Message::Abort {
                 round: None,
-                reason: AbortReason::ProtocolViolation(reason.clone()),
+                reason: AbortReason::ProtocolViolation(text.clone()),
             },
         ));
         self.remove_client(now, client);
+        let kind = reason.kind();
         self.events.push_back(Event::ClientDropped {
             client: client.clone(),
-            kind,
-            reason: reason.clone(),
+            reason,
         });
-        self.fail(now, client, FailureReason::Invalid(reason));
+        self.fail(now, client, FailureReason::Dropped { kind, detail: text });
     }
 
     /// Records that `client` will not contribute to the current phase, and moves the phase on
@@ -1002,10 +994,16 @@ impl Coordinator {
     fn fail(&mut self, now: Instant, client: &ClientId, reason: FailureReason) {
         // Reasons end up in round records and checkpoints: keep them short.
         let reason = match reason {
-            FailureReason::Invalid(s) => FailureReason::Invalid(crate::wire::bounds::truncate(
-                &s,
-                crate::wire::bounds::DEFAULT_MAX_TEXT_BYTES as usize,
-            )),
+            FailureReason::Dropped { kind, detail } => FailureReason::Dropped {
+                kind,
+                detail: crate::wire::bounds::truncate(
+                    &detail,
+                    crate::wire::bounds::DEFAULT_MAX_TEXT_BYTES as usize,
+                ),
+            },
+            FailureReason::Aborted(why) => FailureReason::Aborted(
+                why.truncated(crate::wire::bounds::DEFAULT_MAX_TEXT_BYTES as usize),
+            ),
             other => other,
         };
         match &mut self.phase {
@@ -1346,10 +1344,10 @@ impl Coordinator {
             Phase::Train(t) if t.round == round => match &mut t.secagg {
                 Some(sa) => sa.handle_message(now, from, msg)?,
                 None => {
-                    return Err(Error::InvalidMessage(format!(
+                    return Err(Error::InvalidMessage(InvalidMessage::WrongMode(format!(
                         "{} in a round without secure aggregation",
                         msg.kind()
-                    )));
+                    ))));
                 }
             },
             _ => return self.late_or_invalid(from, round, msg.kind()),

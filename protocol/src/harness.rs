@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::coordinator::{Coordinator, Event};
+use crate::coordinator::{Coordinator, DropReason, Event};
 use crate::participant::{Participant, ParticipantEvent};
 use crate::wire::codec::{self, Limits};
 use crate::wire::messages::{
@@ -669,7 +669,7 @@ impl Harness {
     }
 
     /// Clients the coordinator dropped, with its reasons.
-    pub fn dropped_clients(&self) -> Vec<(ClientId, String)> {
+    pub fn dropped_clients(&self) -> Vec<(ClientId, DropReason)> {
         self.events
             .iter()
             .filter_map(|(_, e)| match e {

@@ -128,6 +128,6 @@ pub use coordinator::{Coordinator, CoordinatorConfig, Event, RoundRecord, Snapsh
 pub use job::{Job, JobResult};
 pub use participant::{Participant, ParticipantEvent};
 pub use strategy::{FedAvg, Strategy};
-pub use wire::Error;
 pub use wire::messages::{ClientId, Message};
 pub use wire::params::{Manifest, Params, TensorSpec};
+pub use wire::{Error, InvalidMessage, SecAggError};

@@ -9,7 +9,6 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::Error;
 use crate::job::{Job, JobResult, Jobs, Output, Work};
 use crate::secagg::{ClientRound, Randomness, SecAggIdentity};
 use crate::wire::messages::{
@@ -17,6 +16,7 @@ use crate::wire::messages::{
     TrainConfig, TrainRes,
 };
 use crate::wire::params::Params;
+use crate::{Error, InvalidMessage, SecAggError};
 
 /// What the driver should do.
 #[derive(Clone, Debug, PartialEq)]
@@ -93,6 +93,10 @@ impl State {
     }
 }
 
+/// How many refused rounds [`Participant::refusals`] remembers (a long-lived client refuses
+/// rounds forever if a hostile server keeps trying).
+pub const MAX_REFUSALS_KEPT: usize = 64;
+
 /// The client's protocol state machine. See the module docs.
 ///
 /// With [`Participant::with_secure_aggregation`], it runs its side of SecAgg+ itself: it
@@ -107,7 +111,7 @@ pub struct Participant {
     secagg: Option<SecAggIdentity>,
     secagg_randomness: Randomness,
     secure: Option<ClientRound>,
-    refusals: Vec<(u64, String)>,
+    refusals: std::collections::VecDeque<(u64, Error)>,
     /// The open round's model and DP instructions, when client-side DP is on.
     dp_task: Option<(u64, Params, crate::wire::config::ClientDp)>,
     state: State,
@@ -129,7 +133,7 @@ impl Participant {
             secagg: None,
             secagg_randomness: Randomness::System,
             secure: None,
-            refusals: Vec::new(),
+            refusals: std::collections::VecDeque::new(),
             dp_task: None,
             state: State::New,
             client_id: None,
@@ -162,15 +166,19 @@ impl Participant {
         self
     }
 
-    /// Secure rounds this client refused, and why.
-    pub fn refusals(&self) -> &[(u64, String)] {
-        &self.refusals
+    /// Secure rounds this client refused, and why: the last [`MAX_REFUSALS_KEPT`], oldest
+    /// first.
+    pub fn refusals(&self) -> Vec<(u64, Error)> {
+        self.refusals.iter().cloned().collect()
     }
 
     /// Aborts the secure round on our side after a failed check.
     fn refuse(&mut self, round: u64, e: Error) {
         let why = e.to_string();
-        self.refusals.push((round, why.clone()));
+        if self.refusals.len() >= MAX_REFUSALS_KEPT {
+            self.refusals.pop_front();
+        }
+        self.refusals.push_back((round, e));
         self.secure = None;
         if matches!(self.state, State::Enrolled(Task::Train(r)) if r == round) {
             self.state = State::Enrolled(Task::None);
@@ -379,9 +387,7 @@ impl Participant {
                                 identity,
                                 self.secagg_randomness,
                             ),
-                            _ => Err(Error::SecAgg(
-                                "this client has no secure-aggregation credentials".into(),
-                            )),
+                            _ => Err(Error::SecAgg(SecAggError::MissingCredentials)),
                         };
                         match started {
                             Ok((round, advert)) => {
@@ -444,11 +450,11 @@ impl Participant {
     /// task: the round was closed or replaced meanwhile, so the result is stale.
     pub fn submit_train(&mut self, res: TrainRes) -> Result<(), Error> {
         if self.state != State::Enrolled(Task::Train(res.round)) {
-            return Err(Error::InvalidMessage(format!(
+            return Err(Error::InvalidMessage(InvalidMessage::NoOpenTask(format!(
                 "no open training task for round {} (state {})",
                 res.round,
                 self.state.name()
-            )));
+            ))));
         }
         // A training that diverged (NaN, infinities) or saw no data is a failed round for
         // this client, not an update: say so, and stay enrolled. (The server would drop a
@@ -504,11 +510,11 @@ impl Participant {
     /// The evaluation result for `res.round`; same rule as [`Participant::submit_train`].
     pub fn submit_evaluation(&mut self, res: EvaluateRes) -> Result<(), Error> {
         if self.state != State::Enrolled(Task::Evaluate(res.round)) {
-            return Err(Error::InvalidMessage(format!(
+            return Err(Error::InvalidMessage(InvalidMessage::NoOpenTask(format!(
                 "no open evaluation task for round {} (state {})",
                 res.round,
                 self.state.name()
-            )));
+            ))));
         }
         self.state = State::Enrolled(Task::None);
         self.transmits.push_back(Message::EvaluateResult(res));
@@ -518,10 +524,10 @@ impl Participant {
     /// Our initial parameters, when the server asked for them.
     pub fn submit_initial_params(&mut self, params: Params) -> Result<(), Error> {
         if self.state != State::Enrolled(Task::Params) {
-            return Err(Error::InvalidMessage(format!(
+            return Err(Error::InvalidMessage(InvalidMessage::NoOpenTask(format!(
                 "the server did not ask for parameters (state {})",
                 self.state.name()
-            )));
+            ))));
         }
         self.state = State::Enrolled(Task::None);
         self.transmits.push_back(Message::InitialParams(params));

@@ -10,11 +10,11 @@
 
 use std::time::Duration;
 
-use flotilla_protocol::coordinator::{CoordinatorConfig, Event};
+use flotilla_protocol::coordinator::{CoordinatorConfig, DropKind, DropReason, Event};
 use flotilla_protocol::harness::{Action, Direction, FixedDelta, Harness};
 use flotilla_protocol::strategy::{FailureReason, FedAvg, Sampling};
 use flotilla_protocol::wire::messages::{AbortReason, ClientId, Message, TrainRes};
-use flotilla_protocol::{Coordinator, Manifest, Params, TensorSpec};
+use flotilla_protocol::{Coordinator, Error, Manifest, Params, TensorSpec};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -393,12 +393,19 @@ fn garbage_from_a_participant_drops_it_and_the_round_goes_on() {
     let dropped = h.dropped_clients();
     assert_eq!(dropped.len(), 1);
     assert_eq!(dropped[0].0, victim);
-    assert!(dropped[0].1.contains("magic"), "{}", dropped[0].1);
+    assert!(
+        matches!(dropped[0].1, DropReason::Malformed(Error::BadMagic(_))),
+        "{:?}",
+        dropped[0].1
+    );
     let done = h.completed_rounds();
     assert_eq!(done[0].results, 4);
     assert!(matches!(
         done[0].failures[0].reason,
-        FailureReason::Invalid(_)
+        FailureReason::Dropped {
+            kind: DropKind::Malformed,
+            ..
+        }
     ));
     // The dropped client learns why.
     assert!(h.participant(&victim).unwrap().is_closed());
@@ -440,12 +447,12 @@ fn nan_or_wrong_shape_updates_drop_the_sender() {
     assert!(
         dropped
             .iter()
-            .any(|(c, r)| c == &id(0) && r.contains("non-finite"))
+            .any(|(c, r)| c == &id(0) && matches!(r.error(), Some(Error::NonFinite { .. })))
     );
     assert!(
         dropped
             .iter()
-            .any(|(c, r)| c == &id(1) && r.contains("manifest"))
+            .any(|(c, r)| c == &id(1) && matches!(r.error(), Some(Error::ManifestMismatch)))
     );
     let done = h.completed_rounds();
     assert_eq!(done[0].results, 2);
@@ -488,12 +495,19 @@ fn an_example_count_over_the_cap_drops_the_sender() {
     let dropped = h.dropped_clients();
     assert_eq!(dropped.len(), 2, "{dropped:?}");
     assert!(dropped.iter().any(|(c, r)| c == &id(0)
-        && r.contains("example count is 18446744073709551615, over the limit of 100000000")));
-    assert!(
-        dropped
-            .iter()
-            .any(|(c, r)| c == &id(1) && r.contains("metric count is 1001, over the limit of 32"))
-    );
+        && r.error()
+            == Some(&Error::LimitExceeded {
+                what: "example count",
+                len: u64::MAX,
+                max: 100_000_000
+            })));
+    assert!(dropped.iter().any(|(c, r)| c == &id(1)
+        && r.error()
+            == Some(&Error::LimitExceeded {
+                what: "metric count",
+                len: 1001,
+                max: 32
+            })));
     let done = h.completed_rounds();
     assert_eq!(done[0].results, 2);
     assert!(done[0].train_metrics.keys().all(|k| !k.starts_with('m')));
@@ -841,7 +855,7 @@ fn a_diverging_client_fails_its_round_and_stays_enrolled() {
         assert_eq!(r.failures.len(), 1);
         assert_eq!(r.failures[0].client, id(0));
         assert!(
-            matches!(&r.failures[0].reason, FailureReason::Invalid(s) if s.contains("training failed: training diverged")),
+            matches!(&r.failures[0].reason, FailureReason::Aborted(AbortReason::Other(s)) if s.contains("training failed: training diverged")),
             "{:?}",
             r.failures[0]
         );

@@ -396,6 +396,40 @@ mod tests {
     use super::*;
     use flotilla_protocol::TensorSpec;
 
+    /// Failure reasons became typed (kind and text, or the client's own abort reason);
+    /// round records written before that hold `Invalid("text")` and must still load.
+    #[test]
+    fn failure_reasons_of_older_records_still_load() {
+        use flotilla_protocol::coordinator::DropKind;
+        use flotilla_protocol::strategy::{Failure, FailureReason};
+        use flotilla_protocol::wire::messages::AbortReason;
+        let old: Vec<Failure> = serde_json::from_str(
+            r#"[{"client":"c1","reason":{"Invalid":"malformed message: bad frame magic"}},
+                {"client":"c2","reason":{"Invalid":"client aborted: training failed"}},
+                {"client":"c3","reason":"Timeout"}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            old[0].reason,
+            FailureReason::Dropped {
+                kind: DropKind::ProtocolViolation,
+                detail: "malformed message: bad frame magic".into()
+            }
+        );
+        assert_eq!(
+            old[1].reason,
+            FailureReason::Aborted(AbortReason::Other("training failed".into()))
+        );
+        assert_eq!(old[2].reason, FailureReason::Timeout);
+        // What is written now reads back as it was.
+        for f in &old {
+            let again: Failure = serde_json::from_slice(&serde_json::to_vec(f).unwrap()).unwrap();
+            assert_eq!(&again, f);
+        }
+        let text = serde_json::to_string(&old[0]).unwrap();
+        assert!(text.contains(r#""kind":"protocol_violation""#), "{text}");
+    }
+
     fn snapshot(round: u64) -> Snapshot {
         Snapshot {
             round,

@@ -969,11 +969,8 @@ async fn run(
                     info!("{line}");
                     waiting = Some(line);
                 }
-                Event::ClientDropped {
-                    client,
-                    kind,
-                    reason,
-                } => {
+                Event::ClientDropped { client, reason } => {
+                    let kind = reason.kind();
                     warn!(client = %client, kind = %kind, "dropped ({kind}): {reason}");
                     // Dropping the sender lets the writer flush the Abort; the connection
                     // is closed shortly whatever the writer is doing.

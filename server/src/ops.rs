@@ -545,7 +545,8 @@ impl Telemetry {
                     },
                 );
             }
-            Event::ClientDropped { client, kind, .. } => {
+            Event::ClientDropped { client, reason } => {
+                let kind = reason.kind();
                 s.clients.remove(client);
                 self.drops
                     .get_or_create(&ReasonLabel {

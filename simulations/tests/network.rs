@@ -18,14 +18,14 @@ use flotilla_client::data::{Split, bundled};
 use flotilla_client::partition::iid;
 use flotilla_client::{BurnTrainer, Evaluation, LocalData, LocalUpdate, Mlp2nn, Trainer};
 use flotilla_crypto::pki::{CertificateAuthority, Identity, PkiDir, load_certs};
-use flotilla_protocol::coordinator::Event;
+use flotilla_protocol::coordinator::{DropKind, DropReason, Event};
 use flotilla_protocol::quic::{recv_message, send_message};
 use flotilla_protocol::strategy::FailureReason;
 use flotilla_protocol::wire::codec::{self, Limits};
 use flotilla_protocol::wire::messages::{
     Capabilities, Hello, Metrics, PROTOCOL_VERSION, TrainConfig, TrainRes,
 };
-use flotilla_protocol::{Manifest, Message, Params, TensorSpec};
+use flotilla_protocol::{Error, Manifest, Message, Params, TensorSpec};
 use flotilla_server::{RunSummary, ServerConfig};
 use flotilla_sim::federation::{client_options, make_pki, server_config};
 use tokio::sync::{mpsc, watch};
@@ -566,7 +566,7 @@ async fn evil_client(pki: PkiDir, id: String, addr: SocketAddr, how: Evil) {
     let _ = tokio::time::timeout(Duration::from_secs(60), conn.closed()).await;
 }
 
-async fn run_with_evil(how: Evil, timeout_secs: f64) -> (RunSummary, Vec<(String, String)>) {
+async fn run_with_evil(how: Evil, timeout_secs: f64) -> (RunSummary, Vec<(String, DropReason)>) {
     logs();
     let dir = tempfile::tempdir().unwrap();
     let (pki, ids) = make_pki(&dir.path().join("pki"), 4).unwrap();
@@ -603,8 +603,17 @@ async fn malformed_frame_drops_the_sender_and_the_round_completes() {
     assert!(r.aborted.is_none());
     assert_eq!(r.results, 3);
     assert_eq!(dropped.len(), 1, "{dropped:?}");
-    assert!(dropped[0].1.contains("exceeds the limit"), "{dropped:?}");
-    assert!(matches!(r.failures[0].reason, FailureReason::Invalid(_)));
+    assert!(
+        matches!(dropped[0].1, DropReason::Malformed(Error::FrameTooLarge { len, .. }) if len == 0x7fff_ffff),
+        "{dropped:?}"
+    );
+    assert!(matches!(
+        r.failures[0].reason,
+        FailureReason::Dropped {
+            kind: DropKind::Malformed,
+            ..
+        }
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -612,7 +621,10 @@ async fn wrong_length_update_drops_the_sender() {
     let (summary, dropped) = run_with_evil(Evil::Truncated, 30.0).await;
     assert_eq!(summary.history[0].results, 3);
     assert_eq!(dropped.len(), 1, "{dropped:?}");
-    assert!(dropped[0].1.contains("truncated"), "{dropped:?}");
+    assert!(
+        matches!(dropped[0].1, DropReason::Malformed(Error::Truncated { .. })),
+        "{dropped:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -620,7 +632,10 @@ async fn wrong_shape_update_drops_the_sender() {
     let (summary, dropped) = run_with_evil(Evil::WrongShape, 30.0).await;
     assert_eq!(summary.history[0].results, 3);
     assert_eq!(dropped.len(), 1, "{dropped:?}");
-    assert!(dropped[0].1.contains("manifest"), "{dropped:?}");
+    assert!(
+        matches!(dropped[0].1.error(), Some(Error::ManifestMismatch)),
+        "{dropped:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

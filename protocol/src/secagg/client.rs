@@ -14,12 +14,12 @@ use super::{
     MASK_PURPOSE, Randomness, SHARE_BYTES, SHARE_PURPOSE, SecAggIdentity, direction, encode_input,
     get_share, pair_sign, put_share, sa, share_aad,
 };
-use crate::Error;
 use crate::wire::config::SecAggSetup;
 use crate::wire::messages::{
     Advertisement, ClientId, EncryptedShare, MaskedInput, Message, TrainRes, UnmaskRequest,
 };
 use crate::wire::params::Params;
+use crate::{Error, SecAggError};
 
 #[derive(Debug)]
 struct Peer {
@@ -85,9 +85,12 @@ impl ClientRound {
         randomness: Randomness,
     ) -> Result<(Self, Message), Error> {
         setup.validate()?;
-        let me = setup
-            .index_of(me_id)
-            .ok_or_else(|| sa("this client is not among the round's participants"))?;
+        let me = setup.index_of(me_id).ok_or_else(|| {
+            sa(
+                SecAggError::NotAParticipant,
+                "this client is not among the round's participants",
+            )
+        })?;
         let neighbours: BTreeSet<usize> = setup
             .graph()
             .get(me)
@@ -144,7 +147,10 @@ impl ClientRound {
         if self.stage == stage {
             Ok(())
         } else {
-            Err(sa(format!("{what} out of order (at {:?})", self.stage)))
+            Err(sa(
+                SecAggError::OutOfOrder,
+                format!("{what} out of order (at {:?})", self.stage),
+            ))
         }
     }
 
@@ -165,23 +171,26 @@ impl ClientRound {
                 .index_of(&a.client)
                 .filter(|v| self.neighbours.contains(v))
                 .ok_or_else(|| {
-                    sa(format!(
-                        "advertisement of {} who is not a neighbour",
-                        a.client
-                    ))
+                    sa(
+                        SecAggError::BadAdvertisement,
+                        format!("advertisement of {} who is not a neighbour", a.client),
+                    )
                 })?;
             if a.round != self.round || self.peers.contains_key(&v) {
-                return Err(sa(format!(
-                    "stale or repeated advertisement of {}",
-                    a.client
-                )));
+                return Err(sa(
+                    SecAggError::BadAdvertisement,
+                    format!("stale or repeated advertisement of {}", a.client),
+                ));
             }
             let named = identity.verifier.verify(&a.certificate)?;
             if named != a.client.as_str() {
-                return Err(sa(format!(
-                    "advertisement of {} carries the certificate of {named}",
-                    a.client
-                )));
+                return Err(sa(
+                    SecAggError::BadAdvertisement,
+                    format!(
+                        "advertisement of {} carries the certificate of {named}",
+                        a.client
+                    ),
+                ));
             }
             // Signed over *our* model hash: fails if the neighbour saw another model.
             let msg = sig::advertisement_bytes(
@@ -192,10 +201,13 @@ impl ClientRound {
                 &a.s_pk,
             );
             sig::verify(&a.certificate, &msg, &a.signature).map_err(|_| {
-                sa(format!(
-                    "advertisement of {} does not verify: forged, or it was sent another model",
-                    a.client
-                ))
+                sa(
+                    SecAggError::BadSignature,
+                    format!(
+                        "advertisement of {} does not verify: forged, or it was sent another model",
+                        a.client
+                    ),
+                )
             })?;
             self.peers.insert(
                 v,
@@ -207,11 +219,12 @@ impl ClientRound {
             );
         }
         if self.peers.len() < self.threshold() {
-            return Err(sa(format!(
-                "only {} neighbours advertised keys, {} needed",
-                self.peers.len(),
-                self.threshold()
-            )));
+            return Err(SecAggError::BelowThreshold {
+                step: "advertised keys",
+                have: self.peers.len(),
+                need: self.threshold(),
+            }
+            .into());
         }
         let points: Vec<u32> = self.peers.keys().map(|&v| v as u32 + 1).collect();
         let t = self.threshold();
@@ -256,11 +269,22 @@ impl ClientRound {
                 .setup
                 .index_of(&e.peer)
                 .filter(|u| self.peers.contains_key(u))
-                .ok_or_else(|| sa(format!("share from {} who did not advertise to us", e.peer)))?;
+                .ok_or_else(|| {
+                    sa(
+                        SecAggError::BadShare,
+                        format!("share from {} who did not advertise to us", e.peer),
+                    )
+                })?;
             if self.held.contains_key(&u) {
-                return Err(sa(format!("two shares from {}", e.peer)));
+                return Err(sa(
+                    SecAggError::BadShare,
+                    format!("two shares from {}", e.peer),
+                ));
             }
-            let peer = self.peers.get(&u).ok_or_else(|| sa("unknown peer"))?;
+            let peer = self
+                .peers
+                .get(&u)
+                .ok_or_else(|| sa(SecAggError::Internal, "unknown peer"))?;
             let key = self.c.agree(&peer.c_pk, SHARE_PURPOSE)?;
             let plain = keys::open(
                 &key,
@@ -268,21 +292,30 @@ impl ClientRound {
                 &share_aad(self.round, &e.peer, &me_id),
                 &e.ciphertext,
             )
-            .map_err(|_| sa(format!("share from {} does not open", e.peer)))?;
+            .map_err(|_| {
+                sa(
+                    SecAggError::BadShare,
+                    format!("share from {} does not open", e.peer),
+                )
+            })?;
             let ss = get_share(plain.get(..SHARE_BYTES).unwrap_or(&[]))?;
             let bs = get_share(plain.get(SHARE_BYTES..).unwrap_or(&[]))?;
             let point = self.me as u32 + 1;
             if ss.x != point || bs.x != point || plain.len() != 2 * SHARE_BYTES {
-                return Err(sa(format!("share from {} is for another point", e.peer)));
+                return Err(sa(
+                    SecAggError::BadShare,
+                    format!("share from {} is for another point", e.peer),
+                ));
             }
             self.held.insert(u, (ss, bs));
         }
         if self.held.len() < self.threshold() {
-            return Err(sa(format!(
-                "only {} neighbours shared keys, {} needed",
-                self.held.len(),
-                self.threshold()
-            )));
+            return Err(SecAggError::BelowThreshold {
+                step: "shared keys",
+                have: self.held.len(),
+                need: self.threshold(),
+            }
+            .into());
         }
         self.stage = ClientStage::SharesReceived;
         self.try_mask()
@@ -291,7 +324,7 @@ impl ClientRound {
     /// Phase 2: the local training result. Returns the masked input once the shares are in.
     pub fn on_result(&mut self, result: TrainRes) -> Result<Option<Message>, Error> {
         if self.result.is_some() || result.round != self.round {
-            return Err(sa("unexpected training result"));
+            return Err(sa(SecAggError::OutOfOrder, "unexpected training result"));
         }
         self.result = Some(result);
         self.try_mask()
@@ -311,7 +344,10 @@ impl ClientRound {
         let mut masks = MaskSeeds(Vec::with_capacity(self.held.len() + 1));
         masks.0.push((*self.b, Sign::Add));
         for v in self.held.keys() {
-            let peer = self.peers.get(v).ok_or_else(|| sa("unknown peer"))?;
+            let peer = self
+                .peers
+                .get(v)
+                .ok_or_else(|| sa(SecAggError::Internal, "unknown peer"))?;
             let seed = self.s.agree(&peer.s_pk, MASK_PURPOSE)?;
             masks.0.push((*seed, pair_sign(self.me, *v)));
         }
@@ -344,7 +380,7 @@ impl ClientRound {
         }
         let masked = result?;
         if masked.round != self.round {
-            return Err(sa("mask job of another round"));
+            return Err(sa(SecAggError::OutOfOrder, "mask job of another round"));
         }
         self.stage = ClientStage::MaskedSent;
         Ok(Some(Message::MaskedInput(masked)))
@@ -358,28 +394,35 @@ impl ClientRound {
     ) -> Result<Message, Error> {
         self.expect(ClientStage::MaskedSent, "survivor list")?;
         if survivors.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(sa("survivor list not sorted and distinct"));
+            return Err(sa(
+                SecAggError::BadSurvivors,
+                "survivor list not sorted and distinct",
+            ));
         }
         let mut live_neighbours = 0;
         let mut includes_me = false;
         for id in &survivors {
-            let i = self
-                .setup
-                .index_of(id)
-                .ok_or_else(|| sa(format!("survivor {id} is not a participant")))?;
+            let i = self.setup.index_of(id).ok_or_else(|| {
+                sa(
+                    SecAggError::BadSurvivors,
+                    format!("survivor {id} is not a participant"),
+                )
+            })?;
             includes_me |= i == self.me;
             if self.neighbours.contains(&i) {
                 live_neighbours += 1;
             }
         }
         if !includes_me {
-            return Err(sa("survivor list without us"));
+            return Err(sa(SecAggError::BadSurvivors, "survivor list without us"));
         }
         if live_neighbours < self.threshold() {
-            return Err(sa(format!(
-                "only {live_neighbours} neighbours survived, {} needed",
-                self.threshold()
-            )));
+            return Err(SecAggError::BelowThreshold {
+                step: "survived",
+                have: live_neighbours,
+                need: self.threshold(),
+            }
+            .into());
         }
         let names: Vec<&str> = survivors.iter().map(ClientId::as_str).collect();
         let signature = identity
@@ -397,12 +440,19 @@ impl ClientRound {
     /// for one client, and only once per round.
     pub fn on_unmask(&mut self, req: UnmaskRequest) -> Result<Message, Error> {
         if self.stage == ClientStage::Revealed {
-            return Err(sa("a second unmask request in one round: refused"));
+            return Err(sa(
+                SecAggError::OutOfOrder,
+                "a second unmask request in one round: refused",
+            ));
         }
         self.expect(ClientStage::Signed, "unmask request")?;
-        let signed = self.signed.as_ref().ok_or_else(|| sa("nothing signed"))?;
+        let signed = self
+            .signed
+            .as_ref()
+            .ok_or_else(|| sa(SecAggError::OutOfOrder, "nothing signed"))?;
         if &req.survivors != signed {
             return Err(sa(
+                SecAggError::BadSurvivors,
                 "unmask request with another survivor list than the one signed",
             ));
         }
@@ -413,14 +463,17 @@ impl ClientRound {
             .collect();
         let mut dropped = BTreeSet::new();
         for id in &req.dropped {
-            let v = self
-                .setup
-                .index_of(id)
-                .ok_or_else(|| sa(format!("dropped {id} is not a participant")))?;
+            let v = self.setup.index_of(id).ok_or_else(|| {
+                sa(
+                    SecAggError::BadSurvivors,
+                    format!("dropped {id} is not a participant"),
+                )
+            })?;
             if survivors.contains(&v) {
-                return Err(sa(format!(
-                    "asked for both shares of {id} (as survivor and as dropped): refused"
-                )));
+                return Err(sa(
+                    SecAggError::BadSurvivors,
+                    format!("asked for both shares of {id} (as survivor and as dropped): refused"),
+                ));
             }
             dropped.insert(v);
         }
@@ -433,21 +486,33 @@ impl ClientRound {
                 .setup
                 .index_of(id)
                 .filter(|v| survivors.contains(v))
-                .ok_or_else(|| sa(format!("signature of {id}, who is not a survivor")))?;
-            let peer = self
-                .peers
-                .get(&v)
-                .ok_or_else(|| sa(format!("signature of {id}, who is not a neighbour")))?;
-            sig::verify(&peer.certificate, &msg, signature)
-                .map_err(|_| sa(format!("survivor-list signature of {id} does not verify")))?;
+                .ok_or_else(|| {
+                    sa(
+                        SecAggError::BadSignature,
+                        format!("signature of {id}, who is not a survivor"),
+                    )
+                })?;
+            let peer = self.peers.get(&v).ok_or_else(|| {
+                sa(
+                    SecAggError::BadSignature,
+                    format!("signature of {id}, who is not a neighbour"),
+                )
+            })?;
+            sig::verify(&peer.certificate, &msg, signature).map_err(|_| {
+                sa(
+                    SecAggError::BadSignature,
+                    format!("survivor-list signature of {id} does not verify"),
+                )
+            })?;
             vouched.insert(v);
         }
         if vouched.len() < self.threshold() {
-            return Err(sa(format!(
-                "only {} neighbours vouched for the survivor list, {} needed",
-                vouched.len(),
-                self.threshold()
-            )));
+            return Err(SecAggError::BelowThreshold {
+                step: "vouched for the survivor list",
+                have: vouched.len(),
+                need: self.threshold(),
+            }
+            .into());
         }
         let mut self_mask = Vec::new();
         let mut keys = Vec::new();

@@ -39,11 +39,11 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::Error;
 use crate::strategy::WeightedSum;
 use crate::wire::config::SecAggSetup;
 use crate::wire::messages::{ClientId, TrainRes};
 use crate::wire::params::Params;
+use crate::{Error, SecAggError};
 
 const MASK_PURPOSE: &[u8] = b"flotilla secagg pairwise mask v1";
 const SHARE_PURPOSE: &[u8] = b"flotilla secagg share encryption v1";
@@ -126,9 +126,10 @@ impl SecAggConfig {
         participants.dedup();
         let n = participants.len();
         if n < 2 {
-            return Err(Error::SecAgg(format!(
+            return Err(SecAggError::InvalidParameters(format!(
                 "secure aggregation needs at least 2 clients, {n} sampled"
-            )));
+            ))
+            .into());
         }
         let all = n - 1;
         let k = if self.neighbours == 0 || self.neighbours >= all {
@@ -144,10 +145,11 @@ impl SecAggConfig {
             bits -= 1;
         }
         if (n as u64).saturating_mul(self.max_weight) > u32::MAX as u64 {
-            return Err(Error::SecAgg(format!(
+            return Err(SecAggError::InvalidParameters(format!(
                 "{n} clients × max_weight {} overflows 32 bits",
                 self.max_weight
-            )));
+            ))
+            .into());
         }
         let setup = SecAggSetup {
             participants,
@@ -221,9 +223,9 @@ pub fn encode_input(
     result.params.check_same_manifest(global.manifest())?;
     let w = result.num_examples.min(setup.max_weight);
     if w == 0 {
-        return Err(Error::SecAgg(
-            "a secure update needs a positive weight".into(),
-        ));
+        return Err(
+            SecAggError::InvalidInput("a secure update needs a positive weight".into()).into(),
+        );
     }
     let scale = (w as f64 / setup.max_weight as f64) as f32;
     let scaled: Vec<f32> = result
@@ -248,13 +250,16 @@ pub fn decode_sum(
 ) -> Result<WeightedSum, Error> {
     let (weight, coords) = sum
         .split_last()
-        .ok_or_else(|| Error::SecAgg("empty sum".into()))?;
+        .ok_or_else(|| sa(SecAggError::InvalidInput, "empty sum"))?;
     if coords.len() != global.len() {
-        return Err(Error::SecAgg("unmasked sum has the wrong length".into()));
+        return Err(sa(
+            SecAggError::InvalidInput,
+            "unmasked sum has the wrong length",
+        ));
     }
     let total = *weight as f64;
     if total <= 0.0 {
-        return Err(Error::SecAgg("total weight is zero".into()));
+        return Err(sa(SecAggError::InvalidInput, "total weight is zero"));
     }
     let deq = setup.quantizer()?.dequantize_sum(coords, count as u64);
     let cap = setup.max_weight as f64;
@@ -290,7 +295,7 @@ fn put_share(out: &mut Vec<u8>, s: &Share) {
 }
 
 fn get_share(b: &[u8]) -> Result<Share, Error> {
-    let bad = || Error::SecAgg("malformed share".into());
+    let bad = || sa(SecAggError::BadShare, "malformed share");
     let x = u32::from_le_bytes(b.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(bad)?);
     let mut y = [0u64; 5];
     for (i, yi) in y.iter_mut().enumerate() {
@@ -317,8 +322,9 @@ fn pair_sign(me: usize, other: usize) -> Sign {
     if me < other { Sign::Add } else { Sign::Sub }
 }
 
-fn sa(s: impl Into<String>) -> Error {
-    Error::SecAgg(s.into())
+/// A secure-aggregation error of `kind` (a variant of [`SecAggError`] holding text).
+fn sa(kind: fn(String) -> SecAggError, why: impl Into<String>) -> Error {
+    Error::SecAgg(kind(why.into()))
 }
 
 mod client;

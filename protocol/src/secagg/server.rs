@@ -14,13 +14,13 @@ use zeroize::Zeroizing;
 use super::{
     MASK_PURPOSE, MAX_CERTIFICATE_BYTES, MAX_SIGNATURE_BYTES, SEALED_SHARE_BYTES, pair_sign, sa,
 };
-use crate::Error;
 use crate::strategy::{Failure, FailureReason};
 use crate::wire::config::SecAggSetup;
 use crate::wire::messages::{
     AbortReason, Advertisement, ClientId, EncryptedShare, MaskedInput, Message, Metrics,
     UnmaskRequest,
 };
+use crate::{Error, SecAggError};
 
 /// Where the server's side of a secure round is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -325,22 +325,25 @@ impl ServerRound {
         msg: Message,
     ) -> Result<Handled, Error> {
         let i = self.setup.index_of(from).ok_or_else(|| {
-            sa(format!(
-                "{} is not a participant of round {}",
-                from, self.round
-            ))
+            sa(
+                SecAggError::NotAParticipant,
+                format!("{} is not a participant of round {}", from, self.round),
+            )
         })?;
-        let stage = stage_of(&msg)
-            .ok_or_else(|| sa(format!("{} is not a client SecAgg message", msg.kind())))?;
+        let stage = stage_of(&msg).ok_or_else(|| {
+            sa(
+                SecAggError::OutOfOrder,
+                format!("{} is not a client SecAgg message", msg.kind()),
+            )
+        })?;
         if self.gone.contains(&i) || stage < self.stage || self.unmasking {
             return Ok(Handled::Late);
         }
         if stage > self.stage {
-            return Err(sa(format!(
-                "{} during {:?}: out of order",
-                msg.kind(),
-                self.stage
-            )));
+            return Err(sa(
+                SecAggError::OutOfOrder,
+                format!("{} during {:?}: out of order", msg.kind(), self.stage),
+            ));
         }
         if !self.pending.contains(&i) {
             return Ok(Handled::Late); // a duplicate
@@ -353,7 +356,7 @@ impl ServerRound {
             Message::UnmaskShares {
                 self_mask, keys, ..
             } => self.on_unmask_shares(i, self_mask, keys)?,
-            _ => return Err(sa("unexpected message")),
+            _ => return Err(sa(SecAggError::OutOfOrder, "unexpected message")),
         }
         self.pending.remove(&i);
         if self.pending.is_empty() || (self.stage == Stage::Unmask && self.can_reconstruct()) {
@@ -368,10 +371,13 @@ impl ServerRound {
 
     fn on_advert(&mut self, i: usize, from: &ClientId, a: Advertisement) -> Result<(), Error> {
         if &a.client != from {
-            return Err(sa(format!("{from} advertised keys as {}", a.client)));
+            return Err(sa(
+                SecAggError::BadAdvertisement,
+                format!("{from} advertised keys as {}", a.client),
+            ));
         }
         if a.certificate.len() > MAX_CERTIFICATE_BYTES || a.signature.len() > MAX_SIGNATURE_BYTES {
-            return Err(sa("oversized advertisement"));
+            return Err(sa(SecAggError::BadAdvertisement, "oversized advertisement"));
         }
         self.adverts.insert(i, a);
         Ok(())
@@ -387,6 +393,7 @@ impl ServerRound {
         let got: BTreeSet<&ClientId> = shares.iter().map(|s| &s.peer).collect();
         if got.len() != shares.len() || got != want {
             return Err(sa(
+                SecAggError::BadShare,
                 "shares must go to exactly the neighbours that advertised keys",
             ));
         }
@@ -394,7 +401,7 @@ impl ServerRound {
             .iter()
             .any(|s| s.ciphertext.len() != SEALED_SHARE_BYTES)
         {
-            return Err(sa("sealed share of the wrong size"));
+            return Err(sa(SecAggError::BadShare, "sealed share of the wrong size"));
         }
         self.shares.insert(i, shares);
         Ok(())
@@ -408,7 +415,7 @@ impl ServerRound {
             });
         }
         if m.metrics.values().any(|v| !v.is_finite()) {
-            return Err(sa("non-finite metric"));
+            return Err(sa(SecAggError::InvalidInput, "non-finite metric"));
         }
         if self.sum.is_empty() {
             self.sum = m.values;
@@ -427,15 +434,24 @@ impl ServerRound {
             .adverts
             .get(&i)
             .map(|a| a.certificate.as_slice())
-            .ok_or_else(|| sa("signature from a client without keys"))?;
+            .ok_or_else(|| {
+                sa(
+                    SecAggError::BadSignature,
+                    "signature from a client without keys",
+                )
+            })?;
         let names: Vec<&str> = self
             .u3
             .iter()
             .filter_map(|&u| self.setup.participants.get(u))
             .map(ClientId::as_str)
             .collect();
-        sig::verify(cert, &sig::survivors_bytes(self.round, &names), &signature)
-            .map_err(|_| sa("survivor-list signature does not verify"))?;
+        sig::verify(cert, &sig::survivors_bytes(self.round, &names), &signature).map_err(|_| {
+            sa(
+                SecAggError::BadSignature,
+                "survivor-list signature does not verify",
+            )
+        })?;
         self.signatures.insert(i, signature);
         Ok(())
     }
@@ -458,13 +474,22 @@ impl ServerRound {
                         .index_of(&id)
                         .filter(|v| nb.contains(v) && self.u2.contains(v))
                         .ok_or_else(|| {
-                            sa(format!("share of {id}, not a neighbour that shared keys"))
+                            sa(
+                                SecAggError::BadShare,
+                                format!("share of {id}, not a neighbour that shared keys"),
+                            )
                         })?;
                     if self.u3.contains(&v) != survivor || !seen.insert(v) {
-                        return Err(sa(format!("share of {id} of the wrong kind or repeated")));
+                        return Err(sa(
+                            SecAggError::BadShare,
+                            format!("share of {id} of the wrong kind or repeated"),
+                        ));
                     }
                     if share.x != point {
-                        return Err(sa("revealed share for another point"));
+                        return Err(sa(
+                            SecAggError::BadShare,
+                            "revealed share for another point",
+                        ));
                     }
                     out.push((v, share));
                 }
@@ -744,7 +769,7 @@ impl ServerRound {
     fn plan_unmask(&mut self) -> Result<UnmaskJob, Error> {
         let sum = std::mem::take(&mut self.sum);
         if sum.len() != self.expected_len {
-            return Err(sa("no masked inputs"));
+            return Err(sa(SecAggError::TooManyDropouts, "no masked inputs"));
         }
         let name = |i: usize| {
             self.setup
@@ -764,7 +789,7 @@ impl ServerRound {
             let advert = self
                 .adverts
                 .get(&v)
-                .ok_or_else(|| sa("dropped client without keys"))?;
+                .ok_or_else(|| sa(SecAggError::Internal, "dropped client without keys"))?;
             let mut peers = Vec::new();
             for &u in self.neighbours(v) {
                 if let (true, Some(peer)) = (self.u3.contains(&u), self.adverts.get(&u)) {
@@ -834,22 +859,31 @@ impl UnmaskJob {
         let mut sum = self.sum;
         let mut masks: Vec<([u8; 32], Sign)> = Vec::with_capacity(self.survivors.len());
         for (client, shares) in &self.survivors {
-            let b = shamir::recover(shares, t)
-                .map_err(|e| sa(format!("too many dropouts: self mask of {client}: {e}")))?;
+            let b = shamir::recover(shares, t).map_err(|e| {
+                sa(
+                    SecAggError::TooManyDropouts,
+                    format!("self mask of {client}: {e}"),
+                )
+            })?;
             masks.push((b, Sign::Sub));
         }
         let mut secrets = Vec::with_capacity(self.dropped.len());
         let mut pairs: Vec<(usize, [u8; 32], Sign)> = Vec::new();
         for d in &self.dropped {
-            let secret =
-                Zeroizing::new(shamir::recover(&d.shares, t).map_err(|e| {
-                    sa(format!("too many dropouts: mask key of {}: {e}", d.client))
-                })?);
+            let secret = Zeroizing::new(shamir::recover(&d.shares, t).map_err(|e| {
+                sa(
+                    SecAggError::TooManyDropouts,
+                    format!("mask key of {}: {e}", d.client),
+                )
+            })?);
             if KeyPair::from_secret(*secret).public() != d.s_pk {
-                return Err(sa(format!(
-                    "reconstructed mask key of {} does not match its advertisement",
-                    d.client
-                )));
+                return Err(sa(
+                    SecAggError::BadShare,
+                    format!(
+                        "reconstructed mask key of {} does not match its advertisement",
+                        d.client
+                    ),
+                ));
             }
             for (pk, sign) in &d.peers {
                 pairs.push((secrets.len(), *pk, *sign));
@@ -887,7 +921,9 @@ fn derive_pair_seeds(
                     let mut current: Option<(usize, KeyPair)> = None;
                     for (v, pk, sign) in chunk {
                         if current.as_ref().is_none_or(|(i, _)| i != v) {
-                            let secret = secrets.get(*v).ok_or_else(|| sa("no such secret"))?;
+                            let secret = secrets
+                                .get(*v)
+                                .ok_or_else(|| sa(SecAggError::Internal, "no such secret"))?;
                             current = Some((*v, KeyPair::from_secret(**secret)));
                         }
                         if let Some((_, key)) = &current {
@@ -902,7 +938,7 @@ fn derive_pair_seeds(
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(sa("a worker thread panicked")))
+                    .unwrap_or_else(|_| Err(sa(SecAggError::Internal, "a worker thread panicked")))
             })
             .collect()
     });

@@ -5,9 +5,9 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
-use crate::Error;
 use crate::wire::config::SecAggSetup;
 use crate::wire::messages::ClientId;
+use crate::{Error, SecAggError};
 
 impl SecAggSetup {
     /// Number of participants.
@@ -24,7 +24,7 @@ impl SecAggSetup {
     /// server sent).
     pub fn validate(&self) -> Result<(), Error> {
         let n = self.n();
-        let bad = |s: String| Err(Error::SecAgg(format!("invalid round parameters: {s}")));
+        let bad = |s: String| Err(Error::SecAgg(SecAggError::InvalidParameters(s)));
         if n < 2 {
             return bad(format!("{n} participants"));
         }
@@ -85,8 +85,8 @@ impl SecAggSetup {
     }
 
     pub(super) fn id(&self, i: usize) -> Result<&ClientId, Error> {
-        self.participants
-            .get(i)
-            .ok_or_else(|| Error::SecAgg(format!("no participant {i}")))
+        self.participants.get(i).ok_or_else(|| {
+            Error::SecAgg(SecAggError::NotAParticipant(format!("no participant {i}")))
+        })
     }
 }

@@ -30,7 +30,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 use crate::Error;
-use crate::wire::messages::{Capabilities, ClientId, EvaluateRes, Metrics, TrainConfig};
+use crate::wire::messages::{
+    AbortReason, Capabilities, ClientId, EvaluateRes, Metrics, TrainConfig,
+};
 use crate::wire::params::{Manifest, Params};
 
 /// A client as the strategy sees it when sampling.
@@ -116,16 +118,24 @@ pub enum TrainResults<'a> {
     Sum(&'a WeightedSum),
 }
 
-/// Why a selected client did not contribute.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// Why a selected client did not contribute. Kept in round records and checkpoints.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "FailureReasonRepr", into = "FailureReasonRepr")]
 #[non_exhaustive]
 pub enum FailureReason {
     /// It did not answer before the deadline.
     Timeout,
     /// Its connection went away.
     Disconnected,
-    /// It sent something invalid and was dropped.
-    Invalid(String),
+    /// The coordinator dropped it (see `coordinator::DropReason`).
+    Dropped {
+        /// Why, as one of a closed set.
+        kind: DropKind,
+        /// Why, in words (bounded).
+        detail: String,
+    },
+    /// The client gave up on the round and said why (its training failed, ...).
+    Aborted(AbortReason),
 }
 
 impl std::fmt::Display for FailureReason {
@@ -133,13 +143,96 @@ impl std::fmt::Display for FailureReason {
         match self {
             Self::Timeout => f.write_str("no answer before the deadline"),
             Self::Disconnected => f.write_str("disconnected"),
-            Self::Invalid(why) => write!(f, "invalid: {why}"),
+            Self::Dropped { kind, detail } => write!(f, "dropped ({}): {detail}", kind.as_str()),
+            Self::Aborted(why) => write!(f, "client aborted: {why}"),
         }
     }
 }
 
+/// The stored form of [`FailureReason`]: what it writes, and what it reads, which includes
+/// the `Invalid` records of checkpoints written before drops were typed.
+#[derive(Serialize, Deserialize)]
+enum FailureReasonRepr {
+    Timeout,
+    Disconnected,
+    Dropped { kind: DropKind, detail: String },
+    Aborted(AbortReason),
+    Invalid(String),
+}
+
+impl From<FailureReasonRepr> for FailureReason {
+    fn from(r: FailureReasonRepr) -> Self {
+        match r {
+            FailureReasonRepr::Timeout => Self::Timeout,
+            FailureReasonRepr::Disconnected => Self::Disconnected,
+            FailureReasonRepr::Dropped { kind, detail } => Self::Dropped { kind, detail },
+            FailureReasonRepr::Aborted(why) => Self::Aborted(why),
+            FailureReasonRepr::Invalid(why) => match why.strip_prefix("client aborted: ") {
+                Some(rest) => Self::Aborted(AbortReason::Other(rest.to_owned())),
+                None => Self::Dropped {
+                    kind: DropKind::ProtocolViolation,
+                    detail: why,
+                },
+            },
+        }
+    }
+}
+
+impl From<FailureReason> for FailureReasonRepr {
+    fn from(r: FailureReason) -> Self {
+        match r {
+            FailureReason::Timeout => Self::Timeout,
+            FailureReason::Disconnected => Self::Disconnected,
+            FailureReason::Dropped { kind, detail } => Self::Dropped { kind, detail },
+            FailureReason::Aborted(why) => Self::Aborted(why),
+        }
+    }
+}
+
+/// Why the coordinator dropped a client: a closed set, so that operators can count drops by
+/// reason (the event's text has the details).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DropKind {
+    /// A message that could not be decoded (or broke a bound).
+    Malformed,
+    /// Nothing heard from it for the idle timeout.
+    Idle,
+    /// Asked for the initial model, it did not send one in time.
+    NoInitialParams,
+    /// A well-formed message that breaks the protocol (wrong phase, wrong round, bad sizes,
+    /// a failed secure-aggregation check...).
+    ProtocolViolation,
+}
+
+impl DropKind {
+    /// Every kind.
+    pub const ALL: [DropKind; 4] = [
+        Self::Malformed,
+        Self::Idle,
+        Self::NoInitialParams,
+        Self::ProtocolViolation,
+    ];
+
+    /// The kind's name (`snake_case`, as in metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Idle => "idle",
+            Self::NoInitialParams => "no_initial_params",
+            Self::ProtocolViolation => "protocol_violation",
+        }
+    }
+}
+
+impl std::fmt::Display for DropKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A selected client that did not contribute, and why.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Failure {
     /// The client.
     pub client: ClientId,

@@ -69,10 +69,10 @@ impl Strategy for QFedAvg {
                 .copied()
                 .filter(|f| f.is_finite() && *f > 0.0)
                 .ok_or_else(|| {
-                    Error::InvalidMessage(format!(
+                    Error::InvalidMessage(crate::InvalidMessage::BadMetric(format!(
                         "qfedavg needs a positive train_loss metric from {}",
                         u.client
-                    ))
+                    )))
                 })?;
             let fq = loss.powf(q);
             let mut norm2 = 0.0;

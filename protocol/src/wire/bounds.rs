@@ -11,11 +11,11 @@
 //! The match below is exhaustive on purpose: a new message kind does not compile until it
 //! says how its peer-supplied fields are bounded.
 
-use crate::wire::Error;
 use crate::wire::codec::{Control, Limits};
 use crate::wire::messages::{
     AbortReason, Advertisement, Capabilities, ClientId, EncryptedShare, Metrics,
 };
+use crate::wire::{Error, InvalidMessage};
 
 /// Default cap on the number of metrics in one result.
 pub const DEFAULT_MAX_METRICS: u32 = 32;
@@ -50,9 +50,9 @@ pub fn check_metrics(m: &Metrics, limits: &Limits) -> Result<(), Error> {
             limits.max_name_bytes.into(),
         )?;
         if !v.is_finite() {
-            return Err(Error::InvalidMessage(format!(
-                "metric {name:?} is not finite"
-            )));
+            return Err(Error::InvalidMessage(InvalidMessage::NonFinite(format!(
+                "metric {name:?}"
+            ))));
         }
     }
     Ok(())
@@ -130,9 +130,9 @@ pub fn check_control(c: &Control, limits: &Limits) -> Result<(), Error> {
         }
         Control::EvaluateResult(r) => {
             if !r.loss.is_finite() {
-                return Err(Error::InvalidMessage(
-                    "evaluation loss is not finite".into(),
-                ));
+                return Err(Error::InvalidMessage(InvalidMessage::NonFinite(
+                    "evaluation loss".into(),
+                )));
             }
             check_metrics(&r.metrics, limits)
         }

@@ -93,7 +93,7 @@ pub enum Error {
     },
     /// A message that is allowed but wrong (round mismatch, zero examples, ...).
     #[error("invalid message: {0}")]
-    InvalidMessage(String),
+    InvalidMessage(InvalidMessage),
     /// The peer speaks another protocol version.
     #[error("protocol version {got} not supported (this build speaks {supported})")]
     ProtocolVersion {
@@ -129,7 +129,7 @@ pub enum Error {
     /// A secure-aggregation check failed (bad signature, inconsistent shares, too many
     /// dropouts, ...).
     #[error("secure aggregation: {0}")]
-    SecAgg(String),
+    SecAgg(#[from] SecAggError),
     /// An operation on a client the machine does not know.
     #[error("unknown client {0:?}")]
     UnknownClient(ClientId),
@@ -137,6 +137,106 @@ pub enum Error {
 
 impl From<flotilla_crypto::Error> for Error {
     fn from(e: flotilla_crypto::Error) -> Self {
-        Error::SecAgg(e.to_string())
+        Error::SecAgg(SecAggError::Crypto(e.to_string()))
     }
+}
+
+/// How a well-formed message is wrong, by kind. The text in a variant is for people; match
+/// the variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidMessage {
+    /// A message for a round after the current one (earlier rounds' are late, not invalid).
+    #[error("{kind} for round {round}, but the current round is {current}")]
+    FutureRound {
+        /// The message's kind.
+        kind: &'static str,
+        /// The round it names.
+        round: u64,
+        /// The current round.
+        current: u64,
+    },
+    /// A result from a client that was not sampled for the round.
+    #[error("training result for round {round} from a client that was not sampled")]
+    NotSampled {
+        /// The round.
+        round: u64,
+    },
+    /// A plain message in a secure-aggregation round, or a secure one in a plain round.
+    #[error("{0}")]
+    WrongMode(String),
+    /// A training result that claims no examples.
+    #[error("training result with zero examples")]
+    ZeroExamples,
+    /// A metric or loss that is NaN or infinite (which one).
+    #[error("{0} is not finite")]
+    NonFinite(String),
+    /// Initial parameters that are not the model the client declared.
+    #[error("initial parameters ({0}) are not the model the client declared")]
+    UndeclaredModel(String),
+    /// A result for a task that is not open.
+    #[error("{0}")]
+    NoOpenTask(String),
+    /// A metric that a strategy needs is missing or out of range.
+    #[error("{0}")]
+    BadMetric(String),
+}
+
+/// Why a secure-aggregation (SecAgg+) step failed, by kind: what a peer did wrong, or why the
+/// round cannot complete. The text in each variant is for people; match the variant.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecAggError {
+    /// The round's parameters cannot work (fewer than 2 clients, a weight bound that
+    /// overflows the 32-bit sum, a threshold out of range, ...).
+    #[error("invalid round parameters: {0}")]
+    InvalidParameters(String),
+    /// A client was asked to take part in secure aggregation without credentials for it.
+    #[error("this client has no secure-aggregation credentials")]
+    MissingCredentials,
+    /// A message for a stage that is over or has not begun, or repeated.
+    #[error("out of order: {0}")]
+    OutOfOrder(String),
+    /// A client that is not a participant (or not a neighbour) of this round.
+    #[error("not a participant: {0}")]
+    NotAParticipant(String),
+    /// A key advertisement that is stale, repeated, oversized or in another client's name.
+    #[error("bad key advertisement: {0}")]
+    BadAdvertisement(String),
+    /// A signature (of an advertisement or of the survivor list) that does not verify, or
+    /// from someone who may not sign.
+    #[error("bad signature: {0}")]
+    BadSignature(String),
+    /// A secret share that does not open, is for another point, is repeated, or goes to the
+    /// wrong clients.
+    #[error("bad share: {0}")]
+    BadShare(String),
+    /// A survivor list that is unsorted, leaves the client out, names strangers, differs
+    /// from the one signed, or asks for both shares of one client.
+    #[error("bad survivor list: {0}")]
+    BadSurvivors(String),
+    /// Fewer neighbours than the threshold took a step.
+    #[error("only {have} neighbours {step}, {need} needed")]
+    BelowThreshold {
+        /// The step (`advertised keys`, `shared keys`, `survived`, `vouched for the survivor
+        /// list`).
+        step: &'static str,
+        /// How many did.
+        have: usize,
+        /// The threshold.
+        need: usize,
+    },
+    /// Too many clients dropped for the masks to be removed.
+    #[error("too many dropouts: {0}")]
+    TooManyDropouts(String),
+    /// An input that cannot be aggregated (no weight, a non-finite metric, a sum of the wrong
+    /// length, ...).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A cryptographic primitive failed (key agreement, sealing, Shamir recovery).
+    #[error("{0}")]
+    Crypto(String),
+    /// A broken internal invariant (a worker thread panicked, state missing that was there).
+    #[error("internal error: {0}")]
+    Internal(String),
 }

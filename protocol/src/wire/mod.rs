@@ -18,4 +18,4 @@ mod error;
 pub mod messages;
 pub mod params;
 
-pub use error::Error;
+pub use error::{Error, InvalidMessage, SecAggError};

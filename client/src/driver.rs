@@ -20,7 +20,7 @@ use flotilla_crypto::pki::Identity;
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
 use flotilla_crypto::tls;
 use flotilla_protocol::quic::{IoDeadline, close, recv_message_timed, send_message_timed};
-use flotilla_protocol::secagg::{Randomness, SecAggIdentity};
+use flotilla_protocol::secagg::SecAggIdentity;
 use flotilla_protocol::wire::codec::Limits;
 use flotilla_protocol::wire::messages::{
     AbortReason, Capabilities, EvaluateRes, Metrics, ModelSummary, TrainConfig, TrainRes,
@@ -535,7 +535,7 @@ async fn drive<T: Trainer + 'static>(
     let mut p = Participant::new(options.capabilities.clone());
     if options.secure_aggregation {
         match secagg_identity(options) {
-            Ok(id) => p = p.with_secure_aggregation(id, Randomness::System),
+            Ok(id) => p = p.with_secure_aggregation(id),
             Err(e) => {
                 warn!("secure aggregation unavailable, taking part in plain rounds only: {e}")
             }

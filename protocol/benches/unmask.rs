@@ -17,12 +17,10 @@ use std::time::{Duration, Instant};
 
 use flotilla_crypto::pki::{CertificateAuthority, Identity};
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
-use flotilla_protocol::secagg::{
-    ClientRound, Randomness, SecAggConfig, SecAggIdentity, ServerRound,
-};
+use flotilla_protocol::secagg::{ClientRound, SecAggConfig, SecAggIdentity, ServerRound};
 use flotilla_protocol::strategy::FailureReason;
 use flotilla_protocol::wire::messages::{Metrics, TrainRes};
-use flotilla_protocol::{ClientId, Manifest, Message, Params, TensorSpec};
+use flotilla_protocol::{ClientId, CryptoProvider, Manifest, Message, Params, TensorSpec};
 use rand::SeedableRng;
 use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
@@ -72,7 +70,7 @@ fn run(n: usize, k: usize, drop: f64, identities: &[SecAggIdentity]) -> Outcome 
             model.clone(),
             id,
             &identities[i],
-            Randomness::InsecureDeterministic(i as u64),
+            &CryptoProvider::insecure_deterministic(i as u64),
         )
         .unwrap();
         clients.push(c);

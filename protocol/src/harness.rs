@@ -244,6 +244,8 @@ pub struct Harness {
     pub latency: Duration,
     filter: Option<Filter>,
     rng: ChaCha8Rng,
+    /// The seed, from which the clients' providers are derived.
+    seed: u64,
     coordinator_timer: Option<Instant>,
     limits: Limits,
     /// Every coordinator event, with the simulated time it happened at.
@@ -279,6 +281,7 @@ impl Harness {
             latency: Duration::from_millis(5),
             filter: None,
             rng: ChaCha8Rng::seed_from_u64(seed),
+            seed,
             coordinator_timer: None,
             limits: Limits::default(),
             events: Vec::new(),
@@ -317,7 +320,12 @@ impl Harness {
             secure_aggregation: false,
             software: "harness".into(),
             model: Some(model),
-        });
+        })
+        // The harness repeats bit for bit: a client's noise follows from the harness's seed
+        // and the client's name.
+        .with_provider(crate::provider::CryptoProvider::insecure_deterministic(
+            self.seed ^ fnv1a(id.as_str().as_bytes()),
+        ));
         self.add_participant(id, participant, behaviour);
     }
 
@@ -680,4 +688,11 @@ impl Harness {
             })
             .collect()
     }
+}
+
+/// FNV-1a, 64 bits: a stable seed from a name.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

@@ -117,6 +117,7 @@ pub mod dp;
 pub mod harness;
 pub mod job;
 pub mod participant;
+pub mod provider;
 #[cfg(feature = "quic")]
 pub mod quic;
 mod registry;
@@ -127,6 +128,7 @@ pub mod wire;
 pub use coordinator::{Coordinator, CoordinatorConfig, Event, RoundRecord, Snapshot};
 pub use job::{Job, JobResult};
 pub use participant::{Participant, ParticipantEvent};
+pub use provider::CryptoProvider;
 pub use strategy::{FedAvg, Strategy};
 pub use wire::messages::{ClientId, Message};
 pub use wire::params::{Manifest, Params, TensorSpec};

@@ -10,7 +10,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::job::{Job, JobResult, Jobs, Output, Work};
-use crate::secagg::{ClientRound, Randomness, SecAggIdentity};
+use crate::provider::CryptoProvider;
+use crate::secagg::{ClientRound, SecAggIdentity};
 use crate::wire::messages::{
     AbortReason, Capabilities, ClientId, EvaluateRes, Hello, Message, PROTOCOL_VERSION,
     TrainConfig, TrainRes,
@@ -109,7 +110,7 @@ pub const MAX_REFUSALS_KEPT: usize = 64;
 pub struct Participant {
     capabilities: Capabilities,
     secagg: Option<SecAggIdentity>,
-    secagg_randomness: Randomness,
+    provider: CryptoProvider,
     secure: Option<ClientRound>,
     refusals: std::collections::VecDeque<(u64, Error)>,
     /// The open round's model and DP instructions, when client-side DP is on.
@@ -131,7 +132,7 @@ impl Participant {
         Self {
             capabilities,
             secagg: None,
-            secagg_randomness: Randomness::System,
+            provider: CryptoProvider::default_provider(),
             secure: None,
             refusals: std::collections::VecDeque::new(),
             dp_task: None,
@@ -147,22 +148,17 @@ impl Participant {
     }
 
     /// Enables secure aggregation with these credentials (and declares it in the hello).
-    /// `randomness` must be [`Randomness::System`] outside tests and simulations.
-    pub fn with_secure_aggregation(
-        mut self,
-        identity: SecAggIdentity,
-        randomness: Randomness,
-    ) -> Self {
+    pub fn with_secure_aggregation(mut self, identity: SecAggIdentity) -> Self {
         self.capabilities.secure_aggregation = true;
         self.secagg = Some(identity);
-        self.secagg_randomness = randomness;
         self
     }
 
-    /// Where the client's noise and masks come from (the default is the system generator;
-    /// [`Randomness::InsecureDeterministic`] only for tests and simulations).
-    pub fn with_randomness(mut self, randomness: Randomness) -> Self {
-        self.secagg_randomness = randomness;
+    /// Where the client's keys, masks and noise come from: the default is
+    /// [`CryptoProvider::default_provider`]; [`CryptoProvider::insecure_deterministic`] only
+    /// for tests and simulations.
+    pub fn with_provider(mut self, provider: CryptoProvider) -> Self {
+        self.provider = provider;
         self
     }
 
@@ -385,7 +381,7 @@ impl Participant {
                                 t.model.clone(),
                                 me,
                                 identity,
-                                self.secagg_randomness,
+                                &self.provider,
                             ),
                             _ => Err(Error::SecAgg(SecAggError::MissingCredentials)),
                         };
@@ -479,17 +475,7 @@ impl Participant {
             && round == res.round
         {
             // Clip and noise before anything leaves (masked or not); equal weights.
-            let mut noise = match self.secagg_randomness {
-                Randomness::InsecureDeterministic(seed) => {
-                    let mut s = [0u8; 32];
-                    let bytes = seed.to_le_bytes().into_iter().chain(round.to_le_bytes());
-                    for (d, b) in s.iter_mut().zip(bytes) {
-                        *d = b;
-                    }
-                    flotilla_crypto::dp::GaussianNoise::from_seed(s)
-                }
-                Randomness::System => flotilla_crypto::dp::GaussianNoise::from_system()?,
-            };
+            let mut noise = self.provider.client_dp_noise(round)?;
             res.params = crate::dp::privatize(&model, &res.params, &dp, &mut noise)?;
             res.num_examples = 1;
         }

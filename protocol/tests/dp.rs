@@ -11,10 +11,10 @@
 use std::time::Duration;
 
 use flotilla_crypto::dp::RdpAccountant;
+use flotilla_protocol::CryptoProvider;
 use flotilla_protocol::coordinator::Event;
 use flotilla_protocol::dp::{DpConfig, DpMode};
 use flotilla_protocol::harness::{FixedDelta, Harness};
-use flotilla_protocol::secagg::Randomness;
 use flotilla_protocol::strategy::Sampling;
 use flotilla_protocol::wire::messages::Capabilities;
 use flotilla_protocol::{
@@ -55,7 +55,7 @@ fn run(dp: DpConfig, rounds: u64, fraction: f64) -> Harness {
     );
     for i in 0..10u64 {
         let p = Participant::new(Capabilities::default())
-            .with_randomness(Randomness::InsecureDeterministic(i));
+            .with_provider(CryptoProvider::insecure_deterministic(i));
         h.add_participant(
             ClientId::new(format!("c{i}")),
             p,

@@ -1,7 +1,7 @@
 //! SecAgg+ in the deterministic harness: real certificates, real signatures, real masks, every
 //! message encoded and decoded, dropouts injected at each phase.
 //!
-//! Clients use `Randomness::InsecureDeterministic`, so each run is the same bit for bit and
+//! Clients use `CryptoProvider::insecure_deterministic`, so each run is the same bit for bit and
 //! the tests can recompute every client's plaintext encoded input.
 
 #![allow(
@@ -20,7 +20,7 @@ use flotilla_crypto::pki::{CertificateAuthority, Identity};
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
 use flotilla_protocol::coordinator::DropReason;
 use flotilla_protocol::harness::{Action, ClientBehaviour, Direction, Harness};
-use flotilla_protocol::secagg::{Randomness, SecAggConfig, SecAggIdentity, encode_input};
+use flotilla_protocol::secagg::{SecAggConfig, SecAggIdentity, encode_input};
 use flotilla_protocol::strategy::{ClientInfo, Failure, Sampling, Strategy, TrainResults};
 use flotilla_protocol::wire::codec;
 use flotilla_protocol::wire::config::SecAggSetup;
@@ -28,8 +28,8 @@ use flotilla_protocol::wire::messages::{
     AbortReason, Capabilities, EvaluateRes, Message, Metrics, TrainConfig, TrainRes,
 };
 use flotilla_protocol::{
-    ClientId, Coordinator, CoordinatorConfig, Error, FedAvg, InvalidMessage, Manifest, Params,
-    Participant, SecAggError, TensorSpec,
+    ClientId, Coordinator, CoordinatorConfig, CryptoProvider, Error, FedAvg, InvalidMessage,
+    Manifest, Params, Participant, SecAggError, TensorSpec,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -186,7 +186,8 @@ fn participant(identity: SecAggIdentity, i: usize) -> Participant {
         software: "test".into(),
         model: None,
     })
-    .with_secure_aggregation(identity, Randomness::InsecureDeterministic(seed_of(i)))
+    .with_secure_aggregation(identity)
+    .with_provider(CryptoProvider::insecure_deterministic(seed_of(i)))
 }
 
 /// A harness with `s.n` secure clients; `victims` crash (stop sending) from the given phase
@@ -265,8 +266,8 @@ fn expected_sum(log: &Log, round: u64, contributors: &[ClientId]) -> Vec<u32> {
             num_examples: examples_of(i),
         }
         .result(round, global);
-        let mut rng = Randomness::InsecureDeterministic(seed_of(i))
-            .input_rng(round)
+        let mut rng = CryptoProvider::insecure_deterministic(seed_of(i))
+            .rounding_rng(round)
             .unwrap();
         let v = encode_input(setup, global, &res, &mut rng).unwrap();
         sum = Some(match sum {

@@ -85,7 +85,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flotilla_crypto::dp::GaussianNoise;
+use flotilla_protocol::CryptoProvider;
 use flotilla_protocol::coordinator::CoordinatorConfig;
 use flotilla_protocol::dp::{DpConfig, DpMode, DpServer};
 use flotilla_protocol::secagg::SecAggConfig;
@@ -578,8 +578,14 @@ impl ServerConfig {
         Ok(c)
     }
 
-    /// The configured strategy.
+    /// The configured strategy (central DP noise from the system generator).
     pub fn strategy(&self) -> Result<Box<dyn Strategy>, Error> {
+        self.strategy_with(&CryptoProvider::default_provider())
+    }
+
+    /// The configured strategy, its central DP noise from `provider` (simulations pass a
+    /// seeded one to repeat runs).
+    pub fn strategy_with(&self, provider: &CryptoProvider) -> Result<Box<dyn Strategy>, Error> {
         let s = &self.strategy;
         let sampling = |fraction: f64, min: usize, what: &str| {
             if (0.0..=1.0).contains(&fraction) {
@@ -664,7 +670,8 @@ impl ServerConfig {
             Some(dp) if dp.mode != DpMode::Client => Ok(Box::new(DpServer::new(
                 strategy,
                 dp,
-                GaussianNoise::from_system()
+                provider
+                    .central_dp_noise()
                     .map_err(|e| Error::Config(format!("DP noise source: {e}")))?,
             )?)),
             _ => Ok(strategy),

@@ -29,10 +29,11 @@ use flotilla_client::{
 };
 use flotilla_crypto::pki::{CertificateAuthority, Identity};
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
+use flotilla_protocol::CryptoProvider;
 use flotilla_protocol::coordinator::Event;
 use flotilla_protocol::dp::DpConfig;
 use flotilla_protocol::harness::{Action, ClientBehaviour, Deferred, Direction, Harness};
-use flotilla_protocol::secagg::{Randomness, SecAggConfig, SecAggIdentity};
+use flotilla_protocol::secagg::{SecAggConfig, SecAggIdentity};
 use flotilla_protocol::wire::messages::Capabilities;
 use flotilla_protocol::wire::messages::{EvaluateRes, Metrics, TrainConfig, TrainRes};
 use flotilla_protocol::{ClientId, Coordinator, Params, Participant, RoundRecord};
@@ -768,10 +769,15 @@ impl Run<'_> {
     fn in_memory(&mut self) -> anyhow::Result<TransportStats> {
         let exp = self.exp;
         let mut cc = self.server.coordinator()?;
+        // Reproducible runs: seeded (and therefore insecure) central DP noise.
+        let central_noise = CryptoProvider::insecure_deterministic(exp.seed);
         // Simulated clients never go idle unnoticed; heartbeats would only cost messages.
         cc.idle_timeout = None;
-        let coordinator =
-            Coordinator::new(cc, self.server.strategy()?, Some(self.initial.clone()))?;
+        let coordinator = Coordinator::new(
+            cc,
+            self.server.strategy_with(&central_noise)?,
+            Some(self.initial.clone()),
+        )?;
         let mut h = Harness::new(coordinator, exp.seed);
         let f = exp.faults.clone();
         if f.any_dropout() || f.message_loss > 0.0 || f.message_delay_ms > 0 {
@@ -836,11 +842,11 @@ impl Run<'_> {
                         backend: "sim".into(),
                         ..Capabilities::default()
                     })
-                    .with_secure_aggregation(
-                        identity,
-                        // Reproducible runs: seeded (and therefore insecure) SecAgg randomness.
-                        Randomness::InsecureDeterministic(exp.seed.wrapping_add(i as u64)),
-                    );
+                    .with_secure_aggregation(identity)
+                    // Reproducible runs: seeded (and therefore insecure) keys, masks and noise.
+                    .with_provider(CryptoProvider::insecure_deterministic(
+                        exp.seed.wrapping_add(i as u64),
+                    ));
                     h.add_participant(id, p, Box::new(c));
                 }
                 None => h.add_client(id, Box::new(c)),

@@ -11,9 +11,10 @@ use rand_chacha::ChaCha20Rng;
 use zeroize::Zeroizing;
 
 use super::{
-    MASK_PURPOSE, Randomness, SHARE_BYTES, SHARE_PURPOSE, SecAggIdentity, direction, encode_input,
-    get_share, pair_sign, put_share, sa, share_aad,
+    MASK_PURPOSE, SHARE_BYTES, SHARE_PURPOSE, SecAggIdentity, direction, encode_input, get_share,
+    pair_sign, put_share, sa, share_aad,
 };
+use crate::provider::CryptoProvider;
 use crate::wire::config::SecAggSetup;
 use crate::wire::messages::{
     Advertisement, ClientId, EncryptedShare, MaskedInput, Message, TrainRes, UnmaskRequest,
@@ -82,7 +83,7 @@ impl ClientRound {
         model: Params,
         me_id: &ClientId,
         identity: &SecAggIdentity,
-        randomness: Randomness,
+        provider: &CryptoProvider,
     ) -> Result<(Self, Message), Error> {
         setup.validate()?;
         let me = setup.index_of(me_id).ok_or_else(|| {
@@ -98,7 +99,7 @@ impl ClientRound {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        let mut entropy = randomness.entropy(round);
+        let mut entropy = provider.secagg_entropy(round);
         let c = KeyPair::generate(entropy.as_mut())?;
         let s = KeyPair::generate(entropy.as_mut())?;
         let mut b = Zeroizing::new([0u8; 32]);
@@ -130,7 +131,7 @@ impl ClientRound {
                 stage: ClientStage::Advertised,
                 result: None,
                 signed: None,
-                rng: randomness.input_rng(round)?,
+                rng: provider.rounding_rng(round)?,
                 job: None,
                 entropy,
             },

@@ -34,8 +34,6 @@ use flotilla_crypto::secagg::mask::Sign;
 use flotilla_crypto::secagg::quantize::Quantizer;
 use flotilla_crypto::secagg::shamir::Share;
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
-use flotilla_crypto::secagg::{Entropy, InsecureDeterministicEntropy, SystemEntropy};
-use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
@@ -175,41 +173,6 @@ pub struct SecAggIdentity {
     pub certificate: Vec<u8>,
     /// Checks neighbours' certificates.
     pub verifier: PeerVerifier,
-}
-
-/// Where a client's SecAgg randomness comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Randomness {
-    /// The operating system's secure generator. The only choice for a deployment.
-    System,
-    /// **INSECURE**: keys, seeds, Shamir coefficients and rounding all derived from this
-    /// public seed and the round, so tests and simulations are reproducible bit for bit.
-    InsecureDeterministic(u64),
-}
-
-impl Randomness {
-    fn entropy(&self, round: u64) -> Box<dyn Entropy + Send> {
-        match *self {
-            Randomness::System => Box::new(SystemEntropy::new()),
-            Randomness::InsecureDeterministic(seed) => Box::new(InsecureDeterministicEntropy::new(
-                seed,
-                round.wrapping_mul(2),
-            )),
-        }
-    }
-
-    /// The generator of a client's stochastic rounding in `round`.
-    pub fn input_rng(&self, round: u64) -> Result<ChaCha20Rng, Error> {
-        let mut k = [0u8; 32];
-        match *self {
-            Randomness::System => SystemEntropy::new().fill(&mut k)?,
-            Randomness::InsecureDeterministic(seed) => {
-                InsecureDeterministicEntropy::new(seed, round.wrapping_mul(2).wrapping_add(1))
-                    .fill(&mut k)?
-            }
-        }
-        Ok(ChaCha20Rng::from_seed(k))
-    }
 }
 
 /// What a client's masked input hides: `quantize(min(w, W)/W · (local − global))` followed by

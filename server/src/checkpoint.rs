@@ -17,7 +17,7 @@
 //! fsynced, so a crash leaves either the old or the new checkpoint, never half of one. On
 //! start the server resumes from the newest checkpoint that verifies; a corrupt one is
 //! reported and the one before it is used; if checkpoints exist but none verifies, the
-//! server refuses to start (see [`crate::driver::coordinator`]). Retention never deletes a
+//! server refuses to start (see [`FileStore::latest`]). Retention never deletes a
 //! checkpoint newer than the one just written, and deletes old ones only once [`KEEP`]
 //! newer ones are known to verify.
 
@@ -37,6 +37,171 @@ const MAGIC: &[u8; 8] = b"FLCKPT02";
 const MAGIC_V1: &[u8; 8] = b"FLCKPT01";
 /// Largest header accepted (the history of a long run fits easily).
 const MAX_HEADER: u32 = 256 << 20;
+/// Where a server keeps what must survive it: each completed round's [`Snapshot`], and the
+/// record of every round. The driver follows raft's `Ready` rule through it: round `k + 1` is
+/// announced only after [`SnapshotStore::save`] of round `k` returned, so a store must not
+/// return before the snapshot is durable (for [`FileStore`]: fsynced and renamed into place).
+///
+/// Both methods block (file I/O): the driver calls them on a blocking thread.
+pub trait SnapshotStore: Send + Sync + std::fmt::Debug {
+    /// Makes the snapshot of a completed round durable (with the name of the strategy whose
+    /// state it holds), then appends the round's record to the history.
+    fn save(&self, snapshot: &Snapshot, strategy: &str, record: &RoundRecord) -> Result<(), Error>;
+    /// Appends the record of a round that did not complete (no snapshot: an aborted round
+    /// changes no state worth keeping, and must never store a model no round produced).
+    fn record(&self, record: &RoundRecord) -> Result<(), Error>;
+    /// The newest snapshot that verifies, with its strategy's name; `None` if there is none.
+    fn latest(&self) -> Result<Option<(Snapshot, String)>, Error>;
+}
+
+/// The store of a deployed server: checkpoint files in a folder (this module's format,
+/// written atomically, the newest [`KEEP`] kept) and `history.jsonl` beside them.
+#[derive(Clone, Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+    set_aside_unreadable: bool,
+}
+
+impl FileStore {
+    /// A store in `dir` (created at the first save).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            set_aside_unreadable: false,
+        }
+    }
+
+    /// The server's store: its `checkpoint_dir`, and `--fresh` as
+    /// [`FileStore::set_aside_unreadable`].
+    pub fn for_config(config: &crate::ServerConfig) -> Self {
+        Self::new(&config.checkpoint_dir).set_aside_unreadable(config.fresh)
+    }
+
+    /// When checkpoints exist but none verifies, [`FileStore::latest`] renames them
+    /// `*.ckpt.unreadable` and finds nothing, instead of refusing (the operator's `--fresh`).
+    pub fn set_aside_unreadable(mut self, yes: bool) -> Self {
+        self.set_aside_unreadable = yes;
+        self
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The history log: one JSON round record per line.
+    pub fn history_path(&self) -> PathBuf {
+        self.dir.join("history.jsonl")
+    }
+}
+
+impl SnapshotStore for FileStore {
+    fn save(&self, snapshot: &Snapshot, strategy: &str, record: &RoundRecord) -> Result<(), Error> {
+        let path = write(&self.dir, snapshot, strategy)?;
+        tracing::debug!("checkpoint {}", path.display());
+        append_history(&self.history_path(), record)
+    }
+
+    fn record(&self, record: &RoundRecord) -> Result<(), Error> {
+        append_history(&self.history_path(), record)
+    }
+
+    /// The newest checkpoint that verifies (corrupt newer ones are reported and skipped).
+    /// Checkpoints that exist but none of which verifies are an error: starting over at
+    /// round 1 would throw the run's progress away (and retention would then delete the
+    /// old files) — unless [`FileStore::set_aside_unreadable`].
+    fn latest(&self) -> Result<Option<(Snapshot, String)>, Error> {
+        if let Some((path, snapshot, name)) = latest_valid(&self.dir)? {
+            tracing::info!("newest valid checkpoint: {}", path.display());
+            return Ok(Some((snapshot, name)));
+        }
+        let existing = list(&self.dir)?;
+        let Some(newest) = existing.first() else {
+            return Ok(None);
+        };
+        if !self.set_aside_unreadable {
+            let why = match read(newest) {
+                Err(e) => e.to_string(),
+                Ok(_) => "unreadable".into(),
+            };
+            return Err(Error::Checkpoint {
+                path: self.dir.clone(),
+                reason: format!(
+                    "{} checkpoint(s) here but none verifies (newest: {why}); refusing to start \
+                     over from round 1. Repair or remove them, or run with --fresh to set them \
+                     aside (renamed *.unreadable) and start anew",
+                    existing.len()
+                ),
+            });
+        }
+        for p in &existing {
+            let aside = p.with_extension("ckpt.unreadable");
+            tracing::warn!(
+                "--fresh: setting {} aside as {}",
+                p.display(),
+                aside.display()
+            );
+            fs::rename(p, &aside).map_err(io(p))?;
+        }
+        Ok(None)
+    }
+}
+
+/// A store in memory, for tests and in-process simulations: it keeps the newest snapshot and
+/// the last [`MemoryStore::MAX_RECORDS`] records, and loses them with the process.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: std::sync::Mutex<MemoryInner>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    latest: Option<(Snapshot, String)>,
+    records: std::collections::VecDeque<RoundRecord>,
+}
+
+impl MemoryStore {
+    /// Records kept.
+    pub const MAX_RECORDS: usize = 10_000;
+
+    /// The records kept, oldest first.
+    pub fn records(&self) -> Vec<RoundRecord> {
+        self.lock().records.iter().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
+        // A panic while holding the lock leaves plain data behind: still usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn push(inner: &mut MemoryInner, record: &RoundRecord) {
+        if inner.records.len() >= Self::MAX_RECORDS {
+            inner.records.pop_front();
+        }
+        inner.records.push_back(record.clone());
+    }
+}
+
+impl SnapshotStore for MemoryStore {
+    fn save(&self, snapshot: &Snapshot, strategy: &str, record: &RoundRecord) -> Result<(), Error> {
+        let mut inner = self.lock();
+        inner.latest = Some((snapshot.clone(), strategy.to_string()));
+        Self::push(&mut inner, record);
+        Ok(())
+    }
+
+    fn record(&self, record: &RoundRecord) -> Result<(), Error> {
+        Self::push(&mut self.lock(), record);
+        Ok(())
+    }
+
+    fn latest(&self) -> Result<Option<(Snapshot, String)>, Error> {
+        Ok(self.lock().latest.clone())
+    }
+}
+
 /// Checkpoints kept on disk (older ones are pruned).
 pub const KEEP: usize = 3;
 

@@ -53,7 +53,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::Error;
-use crate::checkpoint;
+use crate::checkpoint::{self, FileStore, SnapshotStore};
 use crate::config::{LimitsConfig, ServerConfig};
 use crate::ops::{Refusal, Telemetry};
 
@@ -276,24 +276,29 @@ fn load_initial(path: &Path) -> Result<Params, Error> {
     Ok(params)
 }
 
-/// Builds the coordinator: resumed from the newest valid checkpoint if there is one, else
-/// from the configured initial model (or none: a client will be asked).
+/// Builds the coordinator: resumed from the newest valid checkpoint in the configured folder
+/// if there is one, else from the configured initial model (or none: a client will be
+/// asked). Checkpoints that exist but none of which verifies stop the start (see
+/// [`FileStore::latest`]), unless `fresh` sets them aside.
 pub fn coordinator(config: &ServerConfig) -> Result<Coordinator, Error> {
+    coordinator_with(config, &FileStore::for_config(config))
+}
+
+/// [`coordinator`], resuming from `store`.
+pub fn coordinator_with(
+    config: &ServerConfig,
+    store: &dyn SnapshotStore,
+) -> Result<Coordinator, Error> {
     let cc = config.coordinator()?;
     let strategy = config.strategy()?;
-    if let Some((path, snapshot, name)) = checkpoint::latest_valid(&config.checkpoint_dir)? {
+    if let Some((snapshot, name)) = store.latest()? {
         if name != strategy.name() {
             warn!(
-                "checkpoint {} was written by strategy {name:?}, now {:?}; its strategy state is ignored",
-                path.display(),
+                "the snapshot was written by strategy {name:?}, now {:?}; its strategy state is ignored",
                 strategy.name()
             );
         }
-        info!(
-            "resuming after round {} from {}",
-            snapshot.round,
-            path.display()
-        );
+        info!("resuming after round {} from {store:?}", snapshot.round);
         let snapshot = if name == strategy.name() {
             snapshot
         } else {
@@ -303,38 +308,6 @@ pub fn coordinator(config: &ServerConfig) -> Result<Coordinator, Error> {
             }
         };
         return Ok(Coordinator::resume(cc, strategy, snapshot)?);
-    }
-    // Checkpoints exist but none verifies: starting over at round 1 would throw the run's
-    // progress away (and its retention would then delete the new ones). Refuse, unless told.
-    let existing = checkpoint::list(&config.checkpoint_dir)?;
-    if let Some(newest) = existing.first() {
-        let why = match checkpoint::read(newest) {
-            Err(e) => e.to_string(),
-            Ok(_) => "unreadable".into(),
-        };
-        if !config.fresh {
-            return Err(Error::Checkpoint {
-                path: config.checkpoint_dir.clone(),
-                reason: format!(
-                    "{} checkpoint(s) here but none verifies (newest: {why}); refusing to start \
-                     over from round 1. Repair or remove them, or run with --fresh to set them \
-                     aside (renamed *.unreadable) and start anew",
-                    existing.len()
-                ),
-            });
-        }
-        for p in &existing {
-            let aside = p.with_extension("ckpt.unreadable");
-            warn!(
-                "--fresh: setting {} aside as {}",
-                p.display(),
-                aside.display()
-            );
-            std::fs::rename(p, &aside).map_err(|source| Error::Io {
-                path: p.clone(),
-                source,
-            })?;
-        }
     }
     let initial = config
         .initial_model
@@ -352,7 +325,18 @@ pub fn start(
     config: ServerConfig,
     observer: Option<mpsc::UnboundedSender<Event>>,
 ) -> Result<RunningServer, Error> {
-    let coordinator = coordinator(&config)?;
+    let store = Arc::new(FileStore::for_config(&config));
+    start_with_store(config, store, observer)
+}
+
+/// [`start`], with the run's snapshots and round records kept in `store` instead of the
+/// configured checkpoint folder (for example a [`checkpoint::MemoryStore`] in a simulation).
+pub fn start_with_store(
+    config: ServerConfig,
+    store: Arc<dyn SnapshotStore>,
+    observer: Option<mpsc::UnboundedSender<Event>>,
+) -> Result<RunningServer, Error> {
+    let coordinator = coordinator_with(&config, store.as_ref())?;
     let endpoint = endpoint(&config)?;
     let local_addr = endpoint.local_addr().map_err(|source| Error::Io {
         path: "udp socket".into(),
@@ -396,6 +380,7 @@ pub fn start(
     let reload = Arc::new(Notify::new());
     let task = tokio::spawn(run(
         config,
+        store,
         coordinator,
         endpoint.clone(),
         shutdown_rx,
@@ -821,6 +806,7 @@ impl Central {
 
 async fn run(
     config: ServerConfig,
+    store: Arc<dyn SnapshotStore>,
     coord: Coordinator,
     endpoint: quinn::Endpoint,
     mut shutdown: watch::Receiver<bool>,
@@ -873,7 +859,6 @@ async fn run(
     summary_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut refused_reported = 0u64;
     let mut waiting: Option<String> = None;
-    let history_log = central.config.checkpoint_dir.join("history.jsonl");
     let (mut sent_counted, mut refused_counted) = (0u64, 0u64);
     telemetry.set_ready();
     central.coord.handle_start(Instant::now());
@@ -986,9 +971,9 @@ async fn run(
                     // A round that did not complete changes nothing worth a checkpoint (and
                     // must never put a model no round produced on disk): only its record.
                     log_round(r);
-                    let log = history_log.clone();
+                    let store = store.clone();
                     let record = r.clone();
-                    tokio::task::spawn_blocking(move || checkpoint::append_history(&log, &record))
+                    tokio::task::spawn_blocking(move || store.record(&record))
                         .await
                         .map_err(|e| Error::Config(format!("history task: {e}")))??;
                     persisted = true;
@@ -996,20 +981,14 @@ async fn run(
                 Event::RoundCompleted(r) => {
                     log_round(r);
                     if let Some(snapshot) = central.coord.snapshot() {
-                        let dir = central.config.checkpoint_dir.clone();
+                        let store = store.clone();
                         let name = strategy_name.clone();
-                        let log = history_log.clone();
                         let record = r.clone();
                         let started = Instant::now();
-                        let path = tokio::task::spawn_blocking(move || {
-                            let path = checkpoint::write(&dir, &snapshot, &name)?;
-                            checkpoint::append_history(&log, &record)?;
-                            Ok::<_, Error>(path)
-                        })
-                        .await
-                        .map_err(|e| Error::Config(format!("checkpoint task: {e}")))??;
+                        tokio::task::spawn_blocking(move || store.save(&snapshot, &name, &record))
+                            .await
+                            .map_err(|e| Error::Config(format!("checkpoint task: {e}")))??;
                         telemetry.checkpoint_written(started.elapsed().as_secs_f64());
-                        debug!("checkpoint {}", path.display());
                     }
                     // Round k is on disk: only now may round k + 1 be announced.
                     persisted = true;

@@ -27,7 +27,7 @@ pub mod driver;
 pub mod ops;
 
 pub use config::ServerConfig;
-pub use driver::{RunSummary, RunningServer, start};
+pub use driver::{RunSummary, RunningServer, start, start_with_store};
 
 use std::path::PathBuf;
 

@@ -935,19 +935,18 @@ impl Run<'_> {
             .build()?;
         let pki_dir = tempfile::tempdir()?;
         let (pki, ids) = make_pki(pki_dir.path(), exp.clients)?;
-        let checkpoints = out.join("checkpoints");
-        if checkpoints.exists() {
-            // A fresh run: never resume from an earlier run's checkpoints.
-            std::fs::remove_dir_all(&checkpoints)?;
-        }
-        let mut config = server_config(&pki, &checkpoints);
+        // Snapshots in memory: a fresh run every time (never one resumed from an earlier
+        // run's files), and the model is read from the server's events, not from files.
+        let store = std::sync::Arc::new(flotilla_server::checkpoint::MemoryStore::default());
+        let mut config = server_config(&pki, &out.join("checkpoints"));
         config.rounds = self.server.rounds.clone();
         config.strategy = self.server.strategy.clone();
         config.train = self.server.train.clone();
         config.secure_aggregation = self.server.secure_aggregation.clone();
         config.dp = self.server.dp.clone();
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut server = rt.block_on(async { flotilla_server::start(config, Some(ev_tx)) })?;
+        let mut server =
+            rt.block_on(async { flotilla_server::start_with_store(config, store, Some(ev_tx)) })?;
         let addr = server.local_addr;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let rss_before = rss_bytes();

@@ -26,6 +26,7 @@ use flotilla_protocol::wire::messages::{
     Capabilities, Hello, Metrics, PROTOCOL_VERSION, TrainConfig, TrainRes,
 };
 use flotilla_protocol::{Error, Manifest, Message, Params, TensorSpec};
+use flotilla_server::checkpoint::SnapshotStore;
 use flotilla_server::{RunSummary, ServerConfig};
 use flotilla_sim::federation::{client_options, make_pki, server_config};
 use tokio::sync::{mpsc, watch};
@@ -229,6 +230,52 @@ async fn three_clients_two_rounds_with_burn() {
         .unwrap();
     assert_eq!(snap.round, 2);
     assert_eq!(Some(&snap.global), summary.global.as_ref());
+}
+
+/// The server keeps its snapshots and records behind the `SnapshotStore` seam: with a
+/// memory store no checkpoint file is written, the store holds each round's record and the
+/// last round's model, and a second server given the same store resumes after that round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_store_keeps_the_run_and_a_new_server_resumes_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, ids) = make_pki(&dir.path().join("pki"), 3).unwrap();
+    let mut config = base_config(&pki, dir.path(), 2, 3);
+    config.initial_model = None;
+    let store = Arc::new(flotilla_server::checkpoint::MemoryStore::default());
+    let run = |config: ServerConfig| {
+        let server = flotilla_server::start_with_store(config, store.clone(), None).unwrap();
+        let (stop, stop_rx) = watch::channel(false);
+        let clients: Vec<_> = ids
+            .iter()
+            .map(|id| spawn_client(&pki, id, server.local_addr, delta(1.0), stop_rx.clone()))
+            .collect();
+        (server, clients, stop)
+    };
+    let (server, clients, _stop) = run(config.clone());
+    let first = wait(server).await;
+    for c in clients {
+        finished(c).await.unwrap();
+    }
+    assert_eq!(first.history.len(), 2);
+    let (snap, strategy) = store.latest().unwrap().unwrap();
+    assert_eq!((snap.round, strategy.as_str()), (2, "fedavg"));
+    assert_eq!(Some(&snap.global), first.global.as_ref());
+    assert_eq!(store.records().len(), 2);
+    assert!(
+        !dir.path().join("checkpoints").exists(),
+        "a memory store writes no files"
+    );
+    // A new server on the same store: one more round, after round 2.
+    config.rounds.num_rounds = 3;
+    let (server, clients, _stop) = run(config);
+    let second = wait(server).await;
+    for c in clients {
+        finished(c).await.unwrap();
+    }
+    let last = second.history.last().unwrap();
+    assert_eq!((last.round, last.results), (3, 3), "{last:?}");
+    assert_eq!(store.latest().unwrap().unwrap().0.round, 3);
+    assert_eq!(store.records().len(), 3);
 }
 
 /// The field report: a client configured with the wrong model (the CNN among 2NN clients)

@@ -33,6 +33,7 @@ use crate::strategy::{
     ClientInfo, ClientUpdate, EvalSummary, Failure, FailureReason, Strategy, TrainResults,
     weighted_train_metrics,
 };
+use crate::timer::TimerQueue;
 use crate::wire::config::ClientDp;
 use crate::wire::messages::{
     AbortReason, ClientId, EvaluateIns, EvaluateRes, Message, Metrics, ModelSummary,
@@ -348,6 +349,19 @@ pub enum Event {
 /// Where an outgoing message goes.
 pub type Transmit = (ClientId, Message);
 
+/// The coordinator's named timers (in [`TimerQueue`]); the idle queue is the registry's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// The client asked for the initial model must have sent it.
+    InitParams,
+    /// The round's training deadline.
+    Train,
+    /// The secure round's current stage deadline (mirrored from the SecAgg layer).
+    SecAggStage,
+    /// The evaluation deadline.
+    Evaluate,
+}
+
 #[derive(Debug)]
 struct TrainPhase {
     round: u64,
@@ -355,7 +369,6 @@ struct TrainPhase {
     pending: BTreeSet<ClientId>,
     results: Vec<ClientUpdate>,
     failures: Vec<Failure>,
-    deadline: Instant,
     secagg: Option<Box<ServerRound>>,
     /// Results that close the phase early (the strategy's count; over-selected clients
     /// beyond it are not waited for).
@@ -368,7 +381,6 @@ struct EvalPhase {
     pending: BTreeSet<ClientId>,
     results: Vec<(ClientId, EvaluateRes)>,
     failures: Vec<Failure>,
-    deadline: Instant,
 }
 
 #[derive(Debug)]
@@ -377,7 +389,6 @@ enum Phase {
     InitParams {
         asked: ClientId,
         tried: BTreeSet<ClientId>,
-        deadline: Instant,
     },
     Train(TrainPhase),
     Evaluate(EvalPhase),
@@ -420,6 +431,8 @@ pub struct Coordinator {
     /// Last round started (0 before the first).
     round: u64,
     phase: Phase,
+    /// The phase's deadlines (cleared whenever the phase changes).
+    timers: TimerQueue<Timer>,
     history: Vec<RoundRecord>,
     /// State as of the end of the last finished round (what a checkpoint holds).
     last_snapshot: Option<Snapshot>,
@@ -475,6 +488,7 @@ impl Coordinator {
             config,
             strategy,
             registry: Registry::default(),
+            timers: TimerQueue::default(),
             global: initial,
             round: 0,
             phase: Phase::Waiting,
@@ -617,20 +631,11 @@ impl Coordinator {
 
     /// When the coordinator next needs [`Coordinator::handle_timeout`].
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let phase = match &self.phase {
-            Phase::InitParams { deadline, .. } => Some(*deadline),
-            Phase::Train(t) => Some(match &t.secagg {
-                Some(sa) => sa.deadline().unwrap_or(t.deadline),
-                None => t.deadline,
-            }),
-            Phase::Evaluate(e) => Some(e.deadline),
-            Phase::Waiting | Phase::Finished => None,
-        };
         let idle = self
             .config
             .idle_timeout
             .and_then(|d| self.registry.next_idle_deadline(d));
-        match (phase, idle) {
+        match (self.timers.next(), idle) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -687,20 +692,27 @@ impl Coordinator {
                 self.drop_client(now, &id, DropReason::Idle(idle));
             }
         }
-        match &mut self.phase {
-            Phase::InitParams {
-                asked, deadline, ..
-            } if now >= *deadline => {
+        for timer in self.timers.expire(now) {
+            self.on_timer(now, timer);
+        }
+    }
+
+    /// A named timer fired. Timers are cleared whenever the phase changes, so each belongs
+    /// to the current phase; the match still checks, and ignores what does not fit.
+    fn on_timer(&mut self, now: Instant, timer: Timer) {
+        match (timer, &mut self.phase) {
+            (Timer::InitParams, Phase::InitParams { asked, .. }) => {
                 let asked = asked.clone();
                 self.drop_client(now, &asked, DropReason::NoInitialParams);
             }
-            Phase::Train(t) if t.secagg.is_some() => {
+            // A secure round's deadlines are its stages' (the round deadline caps them).
+            (Timer::Train | Timer::SecAggStage, Phase::Train(t)) if t.secagg.is_some() => {
                 if let Some(sa) = &mut t.secagg {
                     sa.handle_timeout(now);
                 }
                 self.pump_secagg(now);
             }
-            Phase::Train(t) if now >= t.deadline => {
+            (Timer::Train, Phase::Train(t)) => {
                 let missed: Vec<ClientId> = std::mem::take(&mut t.pending).into_iter().collect();
                 for id in &missed {
                     t.failures.push(Failure {
@@ -711,7 +723,7 @@ impl Coordinator {
                 self.note_missed_deadlines(now, &missed);
                 self.close_train(now);
             }
-            Phase::Evaluate(e) if now >= e.deadline => {
+            (Timer::Evaluate, Phase::Evaluate(e)) => {
                 for id in std::mem::take(&mut e.pending) {
                     e.failures.push(Failure {
                         client: id,
@@ -830,7 +842,7 @@ impl Coordinator {
                     )));
                 }
                 self.global = Some(p);
-                self.phase = Phase::Waiting;
+                self.enter(Phase::Waiting);
                 self.events.push_back(Event::ModelInitialized);
                 // Clients that declared another model are not part of this federation.
                 let others: Vec<(ClientId, AbortReason)> = self
@@ -1010,7 +1022,7 @@ impl Coordinator {
             Phase::InitParams { asked, tried, .. } if asked == client => {
                 tried.insert(client.clone());
                 let tried = std::mem::take(tried);
-                self.phase = Phase::Waiting;
+                self.enter(Phase::Waiting);
                 self.ask_for_params(now, tried);
             }
             Phase::Train(t) if t.secagg.is_some() => {
@@ -1168,11 +1180,9 @@ impl Coordinator {
         };
         if let Some(id) = next {
             self.transmits.push_back((id.clone(), Message::GetParams));
-            self.phase = Phase::InitParams {
-                asked: id,
-                tried,
-                deadline: now + self.config.init_timeout,
-            };
+            self.enter(Phase::InitParams { asked: id, tried });
+            self.timers
+                .set(Timer::InitParams, now + self.config.init_timeout);
         }
     }
 
@@ -1320,20 +1330,36 @@ impl Coordinator {
             round,
             selected: selected.len(),
         });
-        self.phase = Phase::Train(TrainPhase {
+        self.enter(Phase::Train(TrainPhase {
             round,
             pending: selected.clone(),
             selected,
             results: Vec::new(),
             failures: Vec::new(),
-            deadline,
             secagg,
             target,
-        });
+        }));
+        self.timers.set(Timer::Train, deadline);
+        self.set_secagg_timer();
         if let Phase::Train(t) = &self.phase
             && t.selected.len() < self.config.min_train_results
         {
             self.close_train(now);
+        }
+    }
+
+    /// Moves to `phase`, stopping the old phase's timers; returns the old phase.
+    fn enter(&mut self, phase: Phase) -> Phase {
+        self.timers.clear();
+        std::mem::replace(&mut self.phase, phase)
+    }
+
+    /// Mirrors the secure round's stage deadline into the timer table.
+    fn set_secagg_timer(&mut self) {
+        if let Phase::Train(t) = &self.phase
+            && let Some(sa) = &t.secagg
+        {
+            self.timers.set_or_stop(Timer::SecAggStage, sa.deadline());
         }
     }
 
@@ -1371,6 +1397,7 @@ impl Coordinator {
             return;
         };
         self.transmits.extend(sa.drain_transmits());
+        self.timers.set_or_stop(Timer::SecAggStage, sa.deadline());
         if let Some(job) = sa.take_job() {
             self.jobs.push(t.round, Work::Unmask(job));
         }
@@ -1390,7 +1417,7 @@ impl Coordinator {
         now: Instant,
         outcome: Result<crate::secagg::Unmasked, AbortReason>,
     ) {
-        let Phase::Train(t) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
+        let Phase::Train(t) = self.enter(Phase::Waiting) else {
             return;
         };
         let Some(sa) = t.secagg else {
@@ -1433,7 +1460,7 @@ impl Coordinator {
     }
 
     fn close_train(&mut self, now: Instant) {
-        let Phase::Train(t) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
+        let Phase::Train(t) = self.enter(Phase::Waiting) else {
             return;
         };
         // Tell clients still working that the round is over.
@@ -1579,17 +1606,18 @@ impl Coordinator {
                 }),
             ));
         }
-        self.phase = Phase::Evaluate(EvalPhase {
+        self.enter(Phase::Evaluate(EvalPhase {
             record,
             pending: chosen,
             results: Vec::new(),
             failures: Vec::new(),
-            deadline: now + self.config.round_timeout,
-        });
+        }));
+        self.timers
+            .set(Timer::Evaluate, now + self.config.round_timeout);
     }
 
     fn close_eval(&mut self, now: Instant) {
-        let Phase::Evaluate(e) = std::mem::replace(&mut self.phase, Phase::Waiting) else {
+        let Phase::Evaluate(e) = self.enter(Phase::Waiting) else {
             return;
         };
         let mut record = e.record;
@@ -1620,7 +1648,7 @@ impl Coordinator {
                     .map(|a| (a.rdp().to_vec(), a.steps())),
             });
         }
-        self.phase = Phase::Waiting;
+        self.enter(Phase::Waiting);
         let persist = self.last_snapshot.is_some();
         if record.aborted.is_some() {
             self.events.push_back(Event::RoundAborted(record.clone()));
@@ -1655,7 +1683,7 @@ impl Coordinator {
     }
 
     fn finish(&mut self) {
-        self.phase = Phase::Finished;
+        self.enter(Phase::Finished);
         for id in self.registry.ids() {
             self.transmits.push_back((
                 id.clone(),

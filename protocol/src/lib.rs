@@ -123,6 +123,7 @@ pub mod quic;
 mod registry;
 pub mod secagg;
 pub mod strategy;
+mod timer;
 pub mod wire;
 
 pub use coordinator::{Coordinator, CoordinatorConfig, Event, RoundRecord, Snapshot};

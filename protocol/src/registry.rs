@@ -7,10 +7,11 @@
 //! coordinator reports while it waits are kept up to date rather than recounted. Only sampling
 //! walks the population, once per round.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::strategy::ClientInfo;
+use crate::timer::TimerQueue;
 use crate::wire::messages::{Capabilities, ClientId};
 
 /// Most departed clients whose straggler record is remembered.
@@ -28,7 +29,6 @@ struct Straggling {
 #[derive(Debug)]
 struct Entry {
     capabilities: Capabilities,
-    last_seen: Instant,
     straggling: Straggling,
 }
 
@@ -37,9 +37,9 @@ struct Entry {
 pub(crate) struct Registry {
     clients: BTreeMap<ClientId, Entry>,
     /// Enrolled clients by last activity, oldest first: the idle queue.
-    by_last_seen: BTreeSet<(Instant, ClientId)>,
+    last_seen: TimerQueue<ClientId>,
     /// Enrolled clients that have an exclusion end (past or future), by that end.
-    exclusions: BTreeSet<(Instant, ClientId)>,
+    exclusions: TimerQueue<ClientId>,
     /// Straggler records of clients that left, so that reconnecting does not clear them.
     departed: BTreeMap<ClientId, Straggling>,
     /// Enrolled clients that implement secure aggregation.
@@ -86,14 +86,13 @@ impl Registry {
             *self.models.entry(m.digest).or_default() += 1;
         }
         if let Some(t) = straggling.excluded_until {
-            self.exclusions.insert((t, id.clone()));
+            self.exclusions.set(id.clone(), t);
         }
-        self.by_last_seen.insert((now, id.clone()));
+        self.last_seen.set(id.clone(), now);
         self.clients.insert(
             id,
             Entry {
                 capabilities,
-                last_seen: now,
                 straggling,
             },
         );
@@ -104,10 +103,8 @@ impl Registry {
         let Some(e) = self.clients.remove(id) else {
             return false;
         };
-        self.by_last_seen.remove(&(e.last_seen, id.clone()));
-        if let Some(t) = e.straggling.excluded_until {
-            self.exclusions.remove(&(t, id.clone()));
-        }
+        self.last_seen.stop(id);
+        self.exclusions.stop(id);
         if e.capabilities.secure_aggregation {
             self.secure = self.secure.saturating_sub(1);
         }
@@ -133,25 +130,23 @@ impl Registry {
     /// `id` was heard from at `at`. With `only_later`, an earlier `at` than the last one
     /// recorded changes nothing (transport activity reported out of order).
     pub(crate) fn heard_from(&mut self, at: Instant, id: &ClientId, only_later: bool) {
-        let Some(e) = self.clients.get_mut(id) else {
+        let Some(last) = self.last_seen.get(id) else {
             return;
         };
-        if only_later && at <= e.last_seen {
+        if only_later && at <= last {
             return;
         }
-        self.by_last_seen.remove(&(e.last_seen, id.clone()));
-        e.last_seen = at;
-        self.by_last_seen.insert((at, id.clone()));
+        self.last_seen.set(id.clone(), at);
     }
 
     /// When the longest-silent client reaches `idle` without a word.
     pub(crate) fn next_idle_deadline(&self, idle: Duration) -> Option<Instant> {
-        self.by_last_seen.first().map(|(t, _)| *t + idle)
+        self.last_seen.next().map(|t| t + idle)
     }
 
     /// The clients silent for `idle` or longer at `now`, longest-silent first.
     pub(crate) fn idle(&self, now: Instant, idle: Duration) -> Vec<ClientId> {
-        self.by_last_seen
+        self.last_seen
             .iter()
             .take_while(|(t, _)| now >= *t + idle)
             .map(|(_, id)| id.clone())
@@ -260,13 +255,10 @@ impl Registry {
             };
             e.straggling.missed += 1;
             if e.straggling.missed >= max {
-                if let Some(old) = e.straggling.excluded_until {
-                    self.exclusions.remove(&(old, id.clone()));
-                }
                 let until = now + backoff;
                 e.straggling.excluded_until = Some(until);
                 e.straggling.missed = 0;
-                self.exclusions.insert((until, id.clone()));
+                self.exclusions.set(id.clone(), until);
             }
         }
     }

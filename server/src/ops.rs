@@ -59,8 +59,10 @@ pub enum Phase {
     SecaggMaskedInput,
     /// SecAgg+: collecting consistency signatures.
     SecaggConsistency,
-    /// SecAgg+: collecting shares and unmasking.
+    /// SecAgg+: collecting revealed shares.
     SecaggUnmask,
+    /// SecAgg+: removing the masks (a job off the event loop).
+    SecaggUnmasking,
     /// Federated evaluation of the new model.
     Evaluate,
     /// All rounds done.
@@ -77,6 +79,7 @@ impl Phase {
             Self::SecaggMaskedInput => "secagg_masked_input",
             Self::SecaggConsistency => "secagg_consistency",
             Self::SecaggUnmask => "secagg_unmask",
+            Self::SecaggUnmasking => "secagg_unmasking",
             Self::Evaluate => "evaluate",
             Self::Finished => "finished",
         }
@@ -90,6 +93,7 @@ impl Phase {
             Stage::MaskedInput => Self::SecaggMaskedInput,
             Stage::Consistency => Self::SecaggConsistency,
             Stage::Unmask => Self::SecaggUnmask,
+            Stage::Unmasking => Self::SecaggUnmasking,
             Stage::Done => return None,
         })
     }
@@ -675,6 +679,7 @@ impl Telemetry {
                 | Phase::SecaggMaskedInput
                 | Phase::SecaggConsistency
                 | Phase::SecaggUnmask
+                | Phase::SecaggUnmasking
         );
         Status {
             version: env!("CARGO_PKG_VERSION"),

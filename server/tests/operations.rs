@@ -804,6 +804,7 @@ async fn the_metrics_time_each_stage_of_a_secure_round() {
         "secagg_masked_input",
         "secagg_consistency",
         "secagg_unmask",
+        "secagg_unmasking",
     ] {
         let key = format!("flotilla_round_phase_duration_seconds_count{{phase=\"{phase}\"}}");
         assert_eq!(m.get(&key).copied(), Some(1.0), "{key}:\n{text}");

@@ -35,6 +35,9 @@ pub enum Stage {
     Consistency,
     /// Waiting for revealed shares.
     Unmask,
+    /// Every share needed is in: the masks are being removed by a job off the event loop
+    /// ([`ServerRound::take_job`]); nothing but its result moves the round.
+    Unmasking,
     /// Finished (result or abort).
     Done,
 }
@@ -122,9 +125,6 @@ pub struct ServerRound {
     entered: Option<Stage>,
     /// The reconstruct-and-unmask work, ready for the driver ([`ServerRound::take_job`]).
     job: Option<UnmaskJob>,
-    /// An unmask job is out: the round waits for [`ServerRound::handle_unmask_result`] and
-    /// nothing else moves it.
-    unmasking: bool,
 }
 
 impl std::fmt::Debug for ServerRound {
@@ -185,7 +185,6 @@ impl ServerRound {
             stats,
             entered: None,
             job: None,
-            unmasking: false,
         }
     }
 
@@ -206,7 +205,7 @@ impl ServerRound {
 
     /// When [`ServerRound::handle_timeout`] is next needed.
     pub fn deadline(&self) -> Option<Instant> {
-        (self.stage != Stage::Done && !self.unmasking).then_some(self.deadline)
+        (self.stage < Stage::Unmasking).then_some(self.deadline)
     }
 
     /// The unmask work, once every share needed is in: reconstructing the secrets and
@@ -219,10 +218,9 @@ impl ServerRound {
     /// The result of the job from [`ServerRound::take_job`]: the unmasked sum, or why it
     /// could not be computed (the round aborts).
     pub fn handle_unmask_result(&mut self, result: Result<Vec<u32>, Error>) {
-        if !self.unmasking {
+        if self.stage != Stage::Unmasking {
             return;
         }
-        self.unmasking = false;
         match result {
             Ok(sum) => {
                 self.stage = Stage::Done;
@@ -285,7 +283,7 @@ impl ServerRound {
         let Some(i) = self.setup.index_of(client) else {
             return;
         };
-        if self.stage == Stage::Done || self.unmasking || !self.gone.insert(i) {
+        if self.stage >= Stage::Unmasking || !self.gone.insert(i) {
             return;
         }
         self.reasons.entry(i).or_insert(reason);
@@ -296,7 +294,7 @@ impl ServerRound {
 
     /// The stage's deadline passed: whoever has not answered is out.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.stage != Stage::Done && !self.unmasking && now >= self.deadline {
+        if self.stage < Stage::Unmasking && now >= self.deadline {
             for i in std::mem::take(&mut self.pending) {
                 self.reasons.entry(i).or_insert(FailureReason::Timeout);
                 self.gone.insert(i);
@@ -336,7 +334,7 @@ impl ServerRound {
                 format!("{} is not a client SecAgg message", msg.kind()),
             )
         })?;
-        if self.gone.contains(&i) || stage < self.stage || self.unmasking {
+        if self.gone.contains(&i) || stage < self.stage || self.stage >= Stage::Unmasking {
             return Ok(Handled::Late);
         }
         if stage > self.stage {
@@ -589,7 +587,7 @@ impl ServerRound {
     }
 
     fn advance(&mut self, now: Instant) {
-        if self.unmasking {
+        if self.stage == Stage::Unmasking {
             return;
         }
         self.pending.clear();
@@ -750,7 +748,7 @@ impl ServerRound {
                 self.pending = u4;
             }
             Stage::Unmask => self.finish(),
-            Stage::Done => {}
+            Stage::Unmasking | Stage::Done => {}
         }
     }
 
@@ -758,7 +756,8 @@ impl ServerRound {
         match self.plan_unmask() {
             Ok(job) => {
                 self.job = Some(job);
-                self.unmasking = true;
+                self.stage = Stage::Unmasking;
+                self.entered = Some(Stage::Unmasking);
             }
             Err(e) => self.abort(AbortReason::SecureAggregation(e.to_string())),
         }

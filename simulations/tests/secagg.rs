@@ -44,10 +44,6 @@ async fn quick_start_with_secure_aggregation_matches_plain_accuracy() {
 
 const LEN: usize = 20_000;
 
-fn params(v: f32) -> Params {
-    params_of(LEN, v)
-}
-
 fn params_of(len: usize, v: f32) -> Params {
     Params::new(
         Manifest::new(vec![TensorSpec::new("w", &[len])]),
@@ -106,20 +102,75 @@ impl Trainer for Scripted {
     }
 }
 
+/// A server config for one SecAgg+ round over `len` zero weights among `clients` clients (at
+/// least `min_results` of them must contribute); the caller sets the SecAgg parameters.
+fn secure_round_config(
+    pki: &flotilla_crypto::pki::PkiDir,
+    dir: &std::path::Path,
+    len: usize,
+    clients: usize,
+    min_results: usize,
+    round_timeout_secs: f64,
+) -> flotilla_server::ServerConfig {
+    let model = dir.join("init.safetensors");
+    flotilla_server::checkpoint::export_safetensors(&params_of(len, 0.0), &model).unwrap();
+    let mut config = server_config(pki, &dir.join("ckpt"));
+    config.initial_model = Some(model);
+    config.rounds.num_rounds = 1;
+    config.rounds.min_available_clients = clients;
+    config.rounds.min_train_results = min_results;
+    config.rounds.evaluate_every = 0;
+    config.rounds.round_timeout_secs = round_timeout_secs;
+    config.strategy.min_train_clients = clients;
+    config
+}
+
+type ClientTask = tokio::task::JoinHandle<
+    Result<(Scripted, flotilla_client::driver::ClientStats), flotilla_client::Error>,
+>;
+
+/// Starts a client for each id; the `victims` (indices) report that they started training and
+/// then hang until released (and then fail, with `fail`). Returns the clients' tasks, the
+/// victims' start reports and the release.
+fn spawn_scripted(
+    pki: &flotilla_crypto::pki::PkiDir,
+    ids: &[String],
+    addr: std::net::SocketAddr,
+    victims: &[usize],
+    len: usize,
+    fail: bool,
+    stop_rx: &watch::Receiver<bool>,
+) -> (
+    Vec<ClientTask>,
+    std_mpsc::Receiver<usize>,
+    std_mpsc::Sender<()>,
+) {
+    let (started_tx, started_rx) = std_mpsc::channel();
+    let (release_tx, release_rx) = std_mpsc::channel::<()>();
+    let release_rx = Arc::new(Mutex::new(release_rx));
+    let handles = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let hang = victims
+                .contains(&i)
+                .then(|| (started_tx.clone(), release_rx.clone()));
+            let o = client_options(pki, id, addr).unwrap();
+            tokio::spawn(flotilla_client::driver::run(
+                o,
+                Scripted { i, hang, len, fail },
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
+    (handles, started_rx, release_tx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_of_ten_clients_killed_during_masked_input_collection_still_yield_a_round() {
     let dir = tempfile::tempdir().unwrap();
     let (pki, ids) = make_pki(&dir.path().join("pki"), 10).unwrap();
-    let model = dir.path().join("init.safetensors");
-    flotilla_server::checkpoint::export_safetensors(&params(0.0), &model).unwrap();
-    let mut config = server_config(&pki, &dir.path().join("ckpt"));
-    config.initial_model = Some(model);
-    config.rounds.num_rounds = 1;
-    config.rounds.min_available_clients = 10;
-    config.rounds.min_train_results = 8;
-    config.rounds.evaluate_every = 0;
-    config.rounds.round_timeout_secs = 120.0;
-    config.strategy.min_train_clients = 10;
+    let mut config = secure_round_config(&pki, dir.path(), LEN, 10, 8, 120.0);
     // SecAgg+ with k = 4 neighbours, t = 3.
     config.secure_aggregation = Some(SecAggConfig {
         neighbours: 4,
@@ -131,27 +182,9 @@ async fn two_of_ten_clients_killed_during_masked_input_collection_still_yield_a_
     let server = flotilla_server::start(config, Some(ev_tx)).unwrap();
     let addr = server.local_addr;
     let (_stop, stop_rx) = watch::channel(false);
-    let (started_tx, started_rx) = std_mpsc::channel();
-    let (release_tx, release_rx) = std_mpsc::channel::<()>();
-    let release_rx = Arc::new(Mutex::new(release_rx));
     let victims = [3usize, 7];
-    let mut handles = Vec::new();
-    for (i, id) in ids.iter().enumerate() {
-        let hang = victims
-            .contains(&i)
-            .then(|| (started_tx.clone(), release_rx.clone()));
-        let o = client_options(&pki, id, addr).unwrap();
-        handles.push(tokio::spawn(flotilla_client::driver::run(
-            o,
-            Scripted {
-                i,
-                hang,
-                len: LEN,
-                fail: false,
-            },
-            stop_rx.clone(),
-        )));
-    }
+    let (handles, started_rx, release_tx) =
+        spawn_scripted(&pki, &ids, addr, &victims, LEN, false, &stop_rx);
     // Wait until the server collects masked inputs and both victims are training, then kill
     // them (their tasks, endpoints and connections go away).
     let mut collecting = false;
@@ -223,16 +256,7 @@ async fn the_server_enrolls_a_new_client_while_it_unmasks_500_clients() {
     const BIG: usize = 100_000;
     let dir = tempfile::tempdir().unwrap();
     let (pki, ids) = make_pki(&dir.path().join("pki"), N + 1).unwrap();
-    let model = dir.path().join("init.safetensors");
-    flotilla_server::checkpoint::export_safetensors(&params_of(BIG, 0.0), &model).unwrap();
-    let mut config = server_config(&pki, &dir.path().join("ckpt"));
-    config.initial_model = Some(model);
-    config.rounds.num_rounds = 1;
-    config.rounds.min_available_clients = N;
-    config.rounds.min_train_results = 300;
-    config.rounds.evaluate_every = 0;
-    config.rounds.round_timeout_secs = 900.0;
-    config.strategy.min_train_clients = N;
+    let mut config = secure_round_config(&pki, dir.path(), BIG, N, 300, 900.0);
     config.secure_aggregation = Some(SecAggConfig {
         neighbours: 100,
         clip: 0.1,
@@ -243,27 +267,9 @@ async fn the_server_enrolls_a_new_client_while_it_unmasks_500_clients() {
     let server = flotilla_server::start(config, Some(ev_tx)).unwrap();
     let addr = server.local_addr;
     let (_stop, stop_rx) = watch::channel(false);
-    let (started_tx, started_rx) = std_mpsc::channel();
-    let (release_tx, release_rx) = std_mpsc::channel::<()>();
-    let release_rx = Arc::new(Mutex::new(release_rx));
     let victims: Vec<usize> = (0..N).filter(|i| i % 10 < 3).collect();
-    let mut handles = Vec::new();
-    for (i, id) in ids.iter().take(N).enumerate() {
-        let hang = victims
-            .contains(&i)
-            .then(|| (started_tx.clone(), release_rx.clone()));
-        let o = client_options(&pki, id, addr).unwrap();
-        handles.push(tokio::spawn(flotilla_client::driver::run(
-            o,
-            Scripted {
-                i,
-                hang,
-                len: BIG,
-                fail: true,
-            },
-            stop_rx.clone(),
-        )));
-    }
+    let (_handles, started_rx, release_tx) =
+        spawn_scripted(&pki, &ids[..N], addr, &victims, BIG, true, &stop_rx);
     let latecomer = ids[N].clone();
     let mut late_task = None;
     let mut killed = false;

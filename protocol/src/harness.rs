@@ -690,8 +690,9 @@ impl Harness {
     }
 }
 
-/// FNV-1a, 64 bits: a stable seed from a name.
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a (64-bit): a stable hash of a client's name for seeding (std's hasher is not
+/// specified to stay the same across Rust releases).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })

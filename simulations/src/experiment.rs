@@ -797,7 +797,11 @@ impl Run<'_> {
                 // only said hello costs nothing here.
                 let (lost, dropped) = if f.message_loss > 0.0 || p > 0.0 {
                     let rng = rngs.entry(env.client.clone()).or_insert_with(|| {
-                        ChaCha8Rng::seed_from_u64(seed ^ fnv1a(env.client.as_str().as_bytes()))
+                        ChaCha8Rng::seed_from_u64(
+                            seed ^ flotilla_protocol::harness::fnv1a(
+                                env.client.as_str().as_bytes(),
+                            ),
+                        )
                     });
                     let lost =
                         f.message_loss > 0.0 && rng.random_bool(f.message_loss.clamp(0.0, 1.0));
@@ -1077,12 +1081,4 @@ fn write_csv(out: &Path, rows: &[RoundMetrics]) -> anyhow::Result<()> {
     std::fs::write(&tmp, csv).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, out.join("metrics.csv"))?;
     Ok(())
-}
-
-/// FNV-1a (64-bit): a stable hash of a client id for seeding (std's hasher is not specified
-/// to stay the same across Rust releases).
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }

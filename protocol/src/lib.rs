@@ -114,6 +114,7 @@
 pub mod cli;
 pub mod coordinator;
 pub mod dp;
+mod engine;
 pub mod harness;
 pub mod job;
 pub mod participant;

@@ -1,0 +1,136 @@
+//! The coordinator's configuration.
+
+use std::time::Duration;
+
+use crate::Error;
+use crate::dp::DpConfig;
+use crate::secagg::SecAggConfig;
+
+/// Configuration of the round machine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoordinatorConfig {
+    /// Rounds to run.
+    pub num_rounds: u64,
+    /// Enrolled clients needed before a round starts.
+    pub min_available_clients: usize,
+    /// Results needed for a round to count; fewer aborts it.
+    pub min_train_results: usize,
+    /// How long clients have to train (and, separately, to evaluate).
+    pub round_timeout: Duration,
+    /// How long a client has to send its initial parameters.
+    pub init_timeout: Duration,
+    /// Heartbeat interval announced to clients.
+    pub heartbeat_interval: Duration,
+    /// A client not heard from for this long is dropped. `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Evaluate after every this many rounds (0 = never).
+    pub evaluate_every: u64,
+    /// Seed of the sampling RNG (mixed with the round number).
+    pub seed: u64,
+    /// Secure aggregation (SecAgg+); `None`: plain rounds, the server sees each update.
+    pub secure_aggregation: Option<SecAggConfig>,
+    /// Differential privacy: accounting, budget, and (client mode) the clients' clip and
+    /// noise. The server-side modes also need the strategy wrapped in
+    /// [`crate::dp::DpServer`].
+    pub dp: Option<DpConfig>,
+    /// Round records kept in memory and in snapshots (the newest ones): a checkpoint's size
+    /// does not grow with the number of rounds. The driver logs every record as it ends.
+    pub history_window: usize,
+    /// A client that misses this many training deadlines in a row is excluded from sampling
+    /// for [`CoordinatorConfig::straggler_backoff`] (0: never excluded). Excluded clients are
+    /// still sampled when the others are too few for a round.
+    pub max_missed_deadlines: u32,
+    /// How long an excluded straggler sits out.
+    pub straggler_backoff: Duration,
+    /// Over-selection for plain rounds: this fraction more clients than the strategy asked
+    /// for are sampled, and training closes as soon as the strategy's number of results is
+    /// in (Bonawitz et al., "Towards Federated Learning at Scale", 2019). 0: off.
+    pub over_selection: f64,
+    /// Largest example count a client may report (it is the client's FedAvg weight): a
+    /// result claiming more is a protocol violation.
+    pub max_examples: u64,
+    /// With no initial model configured, the model is taken from a client only once this
+    /// many enrolled clients declare the same model (manifest digest): one misconfigured
+    /// client cannot choose the federation's model. Capped at `min_available_clients` (a
+    /// federation that starts with one client trusts that one).
+    pub model_quorum: usize,
+}
+
+/// Default [`CoordinatorConfig::max_examples`].
+pub const DEFAULT_MAX_EXAMPLES: u64 = 100_000_000;
+
+/// Default [`CoordinatorConfig::history_window`].
+pub const DEFAULT_HISTORY_WINDOW: usize = 100;
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            num_rounds: 1,
+            min_available_clients: 2,
+            min_train_results: 2,
+            round_timeout: Duration::from_secs(600),
+            init_timeout: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(60)),
+            evaluate_every: 1,
+            seed: 0,
+            secure_aggregation: None,
+            dp: None,
+            history_window: DEFAULT_HISTORY_WINDOW,
+            max_missed_deadlines: 2,
+            straggler_backoff: Duration::from_secs(600),
+            over_selection: 0.0,
+            max_examples: DEFAULT_MAX_EXAMPLES,
+            model_quorum: 2,
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Checks the configuration for contradictions.
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.num_rounds == 0 {
+            return Err(Error::Config("num_rounds must be at least 1".into()));
+        }
+        if self.min_train_results == 0 {
+            return Err(Error::Config("min_train_results must be at least 1".into()));
+        }
+        if self.min_available_clients < self.min_train_results {
+            return Err(Error::Config(format!(
+                "min_available_clients ({}) is below min_train_results ({})",
+                self.min_available_clients, self.min_train_results
+            )));
+        }
+        if !(self.over_selection.is_finite() && (0.0..=10.0).contains(&self.over_selection)) {
+            return Err(Error::Config(format!(
+                "over_selection {} must be between 0 and 10",
+                self.over_selection
+            )));
+        }
+        if self.model_quorum == 0 {
+            return Err(Error::Config("model_quorum must be at least 1".into()));
+        }
+        if self.history_window == 0 {
+            return Err(Error::Config("history_window must be at least 1".into()));
+        }
+        if self.round_timeout.is_zero() {
+            return Err(Error::Config("round_timeout must be positive".into()));
+        }
+        if let Some(sa) = &self.secure_aggregation {
+            sa.validate()?;
+            // Every secure round sums at least min_train_results weights in 32 bits.
+            let least = (self.min_train_results as u64).saturating_mul(sa.max_weight);
+            if least > u32::MAX as u64 {
+                return Err(Error::Config(format!(
+                    "secure_aggregation.max_weight {} × min_train_results {} overflows the \
+                     32-bit sum: every secure round would abort; lower max_weight",
+                    sa.max_weight, self.min_train_results
+                )));
+            }
+        }
+        if let Some(dp) = &self.dp {
+            dp.validate()?;
+        }
+        Ok(())
+    }
+}

@@ -25,6 +25,7 @@
 
 use std::time::Instant;
 
+use crate::engine::fedbuff::FedBuffEngine;
 use crate::engine::sync::SyncEngine;
 use crate::engine::{Core, Engine, Timer};
 use crate::job::{Job, JobResult};
@@ -37,8 +38,9 @@ use crate::{Error, InvalidMessage};
 use flotilla_crypto::dp::RdpAccountant;
 
 pub use crate::engine::{
-    CoordinatorConfig, DEFAULT_HISTORY_WINDOW, DEFAULT_MAX_EXAMPLES, DropKind, DropReason, Event,
-    RoundRecord, Snapshot, Transmit,
+    AsyncStep, CoordinatorConfig, DEFAULT_HISTORY_WINDOW, DEFAULT_MAX_EXAMPLES, DropKind,
+    DropReason, EngineConfig, Event, FedBuffConfig, RoundRecord, Snapshot, StalenessWeight,
+    Transmit,
 };
 
 /// The server's round state machine. See the module docs.
@@ -77,9 +79,13 @@ impl Coordinator {
         if let Some(p) = &initial {
             p.check_finite()?;
         }
+        let engine: Box<dyn Engine> = match &config.engine {
+            EngineConfig::Sync => Box::new(SyncEngine::default()),
+            EngineConfig::FedBuff(fb) => Box::new(FedBuffEngine::new(fb.clone(), 0)),
+        };
         Ok(Self {
             core: Core::new(config, strategy, initial),
-            engine: Box::new(SyncEngine::default()),
+            engine,
         })
     }
 
@@ -91,8 +97,14 @@ impl Coordinator {
     ) -> Result<Self, Error> {
         strategy.restore_state(&snapshot.strategy_state)?;
         let mut c = Self::new(config, strategy, Some(snapshot.global.clone()))?;
+        // Synchronous rounds number their tasks by round; an asynchronous run goes on after
+        // its last task (a snapshot of a synchronous run has none: after its round).
+        c.core.round = snapshot.round;
+        if let EngineConfig::FedBuff(fb) = &c.core.config.engine {
+            c.engine = Box::new(FedBuffEngine::new(fb.clone(), snapshot.round));
+            c.core.round = snapshot.last_task.unwrap_or(0).max(snapshot.round);
+        }
         let core = &mut c.core;
-        core.round = snapshot.round;
         core.history = snapshot.history.clone();
         let window = core.config.history_window;
         if core.history.len() > window {
@@ -143,9 +155,9 @@ impl Coordinator {
         self.core.global.as_ref()
     }
 
-    /// Last round started.
+    /// Last round started (synchronous rounds), or the model version (FedBuff: steps taken).
     pub fn round(&self) -> u64 {
-        self.core.round
+        self.engine.round(&self.core)
     }
 
     /// What happened so far.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use flotilla_crypto::pki::{CertificateAuthority, Identity};
 use flotilla_crypto::secagg::sign::{PeerVerifier, Signer};
-use flotilla_protocol::coordinator::DropReason;
+use flotilla_protocol::coordinator::{DropReason, EngineConfig, FedBuffConfig, StalenessWeight};
 use flotilla_protocol::harness::{Action, ClientBehaviour, Direction, Harness};
 use flotilla_protocol::secagg::{SecAggConfig, SecAggIdentity, encode_input};
 use flotilla_protocol::strategy::{ClientInfo, Failure, Sampling, Strategy, TrainResults};
@@ -196,9 +196,20 @@ fn build(
     s: &Setup,
     strategy: Box<dyn Strategy>,
     victims: BTreeMap<ClientId, usize>,
+    tamper: impl FnMut(&ClientId, &Message) -> Option<Message> + 'static,
+) -> (Harness, Rc<RefCell<Log>>) {
+    build_with(secure_config(s), s, strategy, victims, tamper)
+}
+
+/// [`build`] with another coordinator configuration.
+fn build_with(
+    config: CoordinatorConfig,
+    s: &Setup,
+    strategy: Box<dyn Strategy>,
+    victims: BTreeMap<ClientId, usize>,
     mut tamper: impl FnMut(&ClientId, &Message) -> Option<Message> + 'static,
 ) -> (Harness, Rc<RefCell<Log>>) {
-    let coordinator = Coordinator::new(secure_config(s), strategy, Some(model(s.len))).unwrap();
+    let coordinator = Coordinator::new(config, strategy, Some(model(s.len))).unwrap();
     let mut h = Harness::new(coordinator, 11);
     let log = Rc::new(RefCell::new(Log::default()));
     let l = log.clone();
@@ -449,6 +460,69 @@ fn too_many_dropouts_abort_the_round_before_anything_is_revealed() {
         // No unmask request went out and no client revealed a share.
         assert!(log.received.values().flatten().all(|k| *k != "Unmask"));
         assert!(log.sent.values().flatten().all(|k| *k != "UnmaskShares"));
+    }
+}
+
+#[test]
+fn a_fedbuff_cohorts_unmasked_sum_equals_the_plaintext_sum_with_a_dropout() {
+    // FedBuff with SecAgg+ cohorts: four clients form one cohort (k = 3, t = 2); client 1
+    // crashes when it should send its masked input. The cohort is unmasked with the other
+    // three, its sum enters the buffer (3 updates = buffer_size), and the model steps.
+    let s = Setup {
+        n: 4,
+        secagg: SecAggConfig {
+            neighbours: 0,
+            threshold: 2,
+            clip: 0.1,
+            bits: 20,
+            max_weight: 1000,
+            phase_timeout_ms: 5_000,
+        },
+        len: 300,
+        rounds: 1,
+    };
+    let config = CoordinatorConfig {
+        engine: EngineConfig::FedBuff(FedBuffConfig {
+            concurrency: 4,
+            buffer_size: 3,
+            cohort_size: 4,
+            max_staleness: 2,
+            staleness_weight: StalenessWeight::Sqrt,
+            server_learning_rate: 1.0,
+        }),
+        ..secure_config(&s)
+    };
+    let victims = [(id(1), 2)].into_iter().collect();
+    let (mut h, log) = build_with(config, &s, Box::new(fedavg(4)), victims, |_, _| None);
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    let done = h.completed_rounds();
+    assert_eq!(done.len(), 1);
+    let step = done[0].asynchronous.as_ref().unwrap();
+    let who: Vec<ClientId> = [0, 2, 3].into_iter().map(id).collect();
+    assert_eq!(
+        step.staleness,
+        who.iter().map(|c| (c.clone(), 0)).collect::<Vec<_>>()
+    );
+    assert!(done[0].failures.iter().any(|f| f.client == id(1)));
+    // The task id of the cohort is 1: its plaintext sum, bit for bit.
+    let log = log.borrow();
+    assert_same_sum(&h, &expected_sum(&log, 1, &who), "fedbuff cohort");
+    // Staleness 0, η = 1: the step is FedAvg's mean of the decoded sum.
+    let (setup, global) = &log.train[&(1, id(0))];
+    let sum = h.coordinator.last_unmasked_sum().unwrap();
+    let want = flotilla_protocol::secagg::decode_sum(setup, global, sum, 3)
+        .unwrap()
+        .mean()
+        .unwrap();
+    for (a, b) in h
+        .coordinator
+        .global()
+        .unwrap()
+        .values()
+        .iter()
+        .zip(want.values())
+    {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
     }
 }
 

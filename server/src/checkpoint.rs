@@ -220,6 +220,9 @@ struct Header {
     num_values: u64,
     #[serde(default)]
     accountant: Option<(Vec<f64>, u64)>,
+    /// Asynchronous runs: the last task id dispatched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_task: Option<u64>,
 }
 
 /// Path of the checkpoint for `round` in `dir`.
@@ -246,6 +249,7 @@ pub fn write(dir: &Path, snapshot: &Snapshot, strategy: &str) -> Result<PathBuf,
         history: snapshot.history.clone(),
         num_values: snapshot.global.len() as u64,
         accountant: snapshot.accountant.clone(),
+        last_task: snapshot.last_task,
     };
     let header = serde_json::to_vec(&header).map_err(|e| Error::Checkpoint {
         path: dir.to_path_buf(),
@@ -347,6 +351,7 @@ pub fn read(path: &Path) -> Result<(Snapshot, String), Error> {
                 state.to_vec()
             },
             accountant: header.accountant,
+            last_task: header.last_task,
         },
         header.strategy,
     ))
@@ -610,6 +615,7 @@ mod tests {
             .unwrap(),
             history: Vec::new(),
             accountant: None,
+            last_task: None,
             strategy_state: vec![1, 2, 3],
         }
     }
@@ -697,6 +703,7 @@ mod tests {
             history: Vec::new(),
             strategy_state: state,
             accountant: None,
+            last_task: None,
         };
         write(dir.path(), &snapshot, "fedadam").unwrap();
         let (back, name) = read(&path_for(dir.path(), 3)).unwrap();

@@ -86,7 +86,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use flotilla_protocol::CryptoProvider;
-use flotilla_protocol::coordinator::CoordinatorConfig;
+use flotilla_protocol::coordinator::{CoordinatorConfig, EngineConfig, FedBuffConfig};
 use flotilla_protocol::dp::{DpConfig, DpMode, DpServer};
 use flotilla_protocol::secagg::SecAggConfig;
 use flotilla_protocol::strategy::{
@@ -457,6 +457,62 @@ impl LimitsConfig {
     }
 }
 
+/// `[engine]`: synchronous rounds, or buffered asynchronous aggregation (FedBuff). With
+/// `fedbuff`, `rounds.num_rounds` counts model steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineSettings {
+    /// `"sync"` or `"fedbuff"`.
+    pub kind: String,
+    /// FedBuff: clients training at once.
+    pub concurrency: usize,
+    /// FedBuff: updates per model step.
+    pub buffer_size: usize,
+    /// FedBuff: updates more than this many versions behind are refused.
+    pub max_staleness: u64,
+    /// FedBuff: `"sqrt"` (1/√(1+τ)), `"constant"` or `"poly:a"` ((1+τ)^−a).
+    pub staleness_weight: String,
+    /// FedBuff: server learning rate η.
+    pub server_learning_rate: f64,
+    /// FedBuff under secure aggregation: clients per SecAgg+ cohort.
+    pub cohort_size: usize,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        let d = FedBuffConfig::default();
+        Self {
+            kind: "sync".into(),
+            concurrency: d.concurrency,
+            buffer_size: d.buffer_size,
+            max_staleness: d.max_staleness,
+            staleness_weight: "sqrt".into(),
+            server_learning_rate: d.server_learning_rate,
+            cohort_size: d.cohort_size,
+        }
+    }
+}
+
+impl EngineSettings {
+    /// The engine these settings name.
+    pub fn engine(&self) -> Result<EngineConfig, Error> {
+        match self.kind.as_str() {
+            "sync" => Ok(EngineConfig::Sync),
+            "fedbuff" => Ok(EngineConfig::FedBuff(FedBuffConfig {
+                concurrency: self.concurrency,
+                buffer_size: self.buffer_size,
+                max_staleness: self.max_staleness,
+                staleness_weight: self.staleness_weight.parse()?,
+                server_learning_rate: self.server_learning_rate,
+                cohort_size: self.cohort_size,
+            })),
+            other => Err(Error::Config(format!(
+                "engine.kind {other:?}: expected \"sync\" or \"fedbuff\""
+            ))),
+        }
+    }
+}
+
 /// Default [`ServerConfig::max_model_bytes`]: 1 GiB.
 pub const DEFAULT_MAX_MODEL_BYTES: u64 = 1 << 30;
 
@@ -490,6 +546,8 @@ pub struct ServerConfig {
     pub operations: OperationsConfig,
     /// Differential privacy; absent: off.
     pub dp: Option<DpConfig>,
+    /// How rounds are scheduled: `kind = "sync"` (the default) or `"fedbuff"`.
+    pub engine: EngineSettings,
     /// Start anew even if the checkpoint directory holds checkpoints none of which verifies
     /// (they are renamed `*.unreadable`). Command line only (`--fresh`).
     #[serde(skip)]
@@ -511,6 +569,7 @@ impl Default for ServerConfig {
             secure_aggregation: None,
             operations: OperationsConfig::default(),
             dp: None,
+            engine: EngineSettings::default(),
             fresh: false,
         }
     }
@@ -572,6 +631,7 @@ impl ServerConfig {
             over_selection: self.rounds.over_selection,
             max_examples: self.rounds.max_examples,
             model_quorum: self.rounds.model_quorum,
+            engine: self.engine.engine()?,
         };
         c.validate()?;
         self.limits.validate()?;

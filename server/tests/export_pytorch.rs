@@ -35,6 +35,7 @@ fn check<M: Classifier>(model: M, name: &str, dir: &Path) {
         history: Vec::new(),
         strategy_state: Vec::new(),
         accountant: None,
+        last_task: None,
     };
     flotilla_server::checkpoint::write(&checkpoints, &snapshot, "fedavg").unwrap();
     let out = dir.join(format!("{name}.safetensors"));

@@ -54,6 +54,141 @@ pub struct CoordinatorConfig {
     /// client cannot choose the federation's model. Capped at `min_available_clients` (a
     /// federation that starts with one client trusts that one).
     pub model_quorum: usize,
+    /// How rounds are scheduled: synchronous rounds (the default) or buffered-asynchronous
+    /// steps (FedBuff).
+    pub engine: EngineConfig,
+}
+
+/// How the coordinator schedules work.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum EngineConfig {
+    /// Synchronous rounds: sample, wait for every sampled client (or the deadline),
+    /// aggregate. `num_rounds` counts rounds.
+    #[default]
+    Sync,
+    /// Buffered asynchronous aggregation (FedBuff; Nguyen et al., AISTATS 2022): up to
+    /// `concurrency` clients train at once, each on the model version it was sent; every
+    /// `buffer_size` updates the server steps the model. `num_rounds` counts steps.
+    FedBuff(FedBuffConfig),
+}
+
+/// FedBuff's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FedBuffConfig {
+    /// Clients training at once.
+    pub concurrency: usize,
+    /// Updates per server step (K in the paper).
+    pub buffer_size: usize,
+    /// Updates more than this many versions behind the current model are refused.
+    pub max_staleness: u64,
+    /// How an update is down-weighted by its staleness τ.
+    pub staleness_weight: StalenessWeight,
+    /// Server learning rate η: each update moves the model by `η · s(τ) · Δ`, scaled by
+    /// its share of the step's example weight.
+    pub server_learning_rate: f64,
+    /// Under secure aggregation: clients per cohort (one SecAgg+ instance; its sum enters
+    /// the buffer as `count` updates with the cohort's staleness). The cohort's threshold
+    /// is `[secure_aggregation]`'s, its minimum of inputs `min_train_results`, its deadline
+    /// `round_timeout`.
+    pub cohort_size: usize,
+}
+
+impl Default for FedBuffConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 10,
+            buffer_size: 10,
+            max_staleness: 10,
+            staleness_weight: StalenessWeight::Sqrt,
+            server_learning_rate: 1.0,
+            cohort_size: 10,
+        }
+    }
+}
+
+/// Most versions an update may be behind (bounds the models kept for in-flight tasks).
+pub const MAX_STALENESS_LIMIT: u64 = 1_000;
+
+/// Most clients training at once under FedBuff.
+pub const MAX_CONCURRENCY: usize = 1_000_000;
+
+/// The staleness weight s(τ) of an update τ versions behind.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum StalenessWeight {
+    /// s(τ) = 1.
+    Constant,
+    /// s(τ) = 1/√(1+τ) (the paper's default).
+    Sqrt,
+    /// s(τ) = (1+τ)^−a, a ≥ 0.
+    Poly(f64),
+}
+
+impl StalenessWeight {
+    /// s(τ).
+    pub fn weight(&self, staleness: u64) -> f64 {
+        let t = 1.0 + staleness as f64;
+        match self {
+            Self::Constant => 1.0,
+            Self::Sqrt => 1.0 / t.sqrt(),
+            Self::Poly(a) => t.powf(-a),
+        }
+    }
+}
+
+impl std::str::FromStr for StalenessWeight {
+    type Err = Error;
+
+    /// `constant`, `sqrt` or `poly:a`.
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s {
+            "constant" => Ok(Self::Constant),
+            "sqrt" => Ok(Self::Sqrt),
+            _ => match s.strip_prefix("poly:").map(str::parse::<f64>) {
+                Some(Ok(a)) if a.is_finite() && (0.0..=16.0).contains(&a) => Ok(Self::Poly(a)),
+                _ => Err(Error::Config(format!(
+                    "staleness_weight {s:?}: expected \"constant\", \"sqrt\" or \"poly:a\" \
+                     with 0 <= a <= 16"
+                ))),
+            },
+        }
+    }
+}
+
+impl FedBuffConfig {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), Error> {
+        if !(1..=MAX_CONCURRENCY).contains(&self.concurrency) {
+            return Err(Error::Config(format!(
+                "engine.concurrency {} must be between 1 and {MAX_CONCURRENCY}",
+                self.concurrency
+            )));
+        }
+        if self.buffer_size == 0 {
+            return Err(Error::Config(
+                "engine.buffer_size must be at least 1".into(),
+            ));
+        }
+        if self.max_staleness > MAX_STALENESS_LIMIT {
+            return Err(Error::Config(format!(
+                "engine.max_staleness {} is above {MAX_STALENESS_LIMIT}",
+                self.max_staleness
+            )));
+        }
+        if !(self.server_learning_rate.is_finite() && self.server_learning_rate > 0.0) {
+            return Err(Error::Config(format!(
+                "engine.server_learning_rate {} must be positive",
+                self.server_learning_rate
+            )));
+        }
+        if let StalenessWeight::Poly(a) = self.staleness_weight
+            && !(a.is_finite() && (0.0..=16.0).contains(&a))
+        {
+            return Err(Error::Config(format!(
+                "engine.staleness_weight poly:{a}: a must be between 0 and 16"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Default [`CoordinatorConfig::max_examples`].
@@ -82,6 +217,7 @@ impl Default for CoordinatorConfig {
             over_selection: 0.0,
             max_examples: DEFAULT_MAX_EXAMPLES,
             model_quorum: 2,
+            engine: EngineConfig::Sync,
         }
     }
 }
@@ -130,6 +266,43 @@ impl CoordinatorConfig {
         }
         if let Some(dp) = &self.dp {
             dp.validate()?;
+        }
+        if let EngineConfig::FedBuff(fb) = &self.engine {
+            fb.validate()?;
+            if let Some(sa) = &self.secure_aggregation {
+                if fb.cohort_size < 2 || fb.cohort_size > fb.concurrency {
+                    return Err(Error::Config(format!(
+                        "engine.cohort_size {} must be between 2 and engine.concurrency ({})",
+                        fb.cohort_size, fb.concurrency
+                    )));
+                }
+                if self.min_train_results > fb.cohort_size {
+                    return Err(Error::Config(format!(
+                        "rounds.min_train_results {} (each cohort's minimum of inputs) is above \
+                         engine.cohort_size {}",
+                        self.min_train_results, fb.cohort_size
+                    )));
+                }
+                if (fb.cohort_size as u64).saturating_mul(sa.max_weight) > u32::MAX as u64 {
+                    return Err(Error::Config(format!(
+                        "secure_aggregation.max_weight {} × engine.cohort_size {} overflows the \
+                         32-bit sum",
+                        sa.max_weight, fb.cohort_size
+                    )));
+                }
+            }
+            if let Some(dp) = &self.dp
+                && dp.mode == crate::dp::DpMode::Client
+                && fb.staleness_weight != StalenessWeight::Constant
+            {
+                // Down-weighting a noised update scales its noise too: the sum would hold
+                // less noise than the accountant assumes.
+                return Err(Error::Config(
+                    "client-side DP with the fedbuff engine needs staleness_weight = \
+                     \"constant\" (a down-weighted update carries less noise than accounted)"
+                        .into(),
+                ));
+            }
         }
         Ok(())
     }

@@ -32,6 +32,22 @@ pub struct RoundRecord {
     /// Privacy spent so far, if differential privacy is on.
     #[serde(default)]
     pub privacy: Option<PrivacyReport>,
+    /// What a buffered-asynchronous step folded in (FedBuff; `None` for synchronous rounds):
+    /// each round of an asynchronous run is one step of the model.
+    #[serde(default)]
+    pub asynchronous: Option<AsyncStep>,
+}
+
+/// What one buffered-asynchronous step (FedBuff) folded in.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AsyncStep {
+    /// Each update in the step: its client and its staleness (how many model versions
+    /// behind the step's base model the version it trained on was).
+    pub staleness: Vec<(ClientId, u64)>,
+    /// Updates refused because they were more than `max_staleness` versions behind.
+    pub discarded: u64,
+    /// Training tasks dispatched since the previous step.
+    pub dispatched: u64,
 }
 
 pub use crate::strategy::DropKind;
@@ -179,6 +195,16 @@ pub enum Event {
         /// which this federation requires.
         without_secure_aggregation: usize,
     },
+    /// Training work went out (asynchronous engines): `clients` clients got task `task`, to
+    /// train on model version `version`.
+    Dispatched {
+        /// The task's id (the `round` its messages carry).
+        task: u64,
+        /// The model version sent.
+        version: u64,
+        /// Clients in the task.
+        clients: usize,
+    },
     /// All rounds are done.
     Finished,
 }
@@ -199,4 +225,9 @@ pub struct Snapshot {
     pub strategy_state: Vec<u8>,
     /// The privacy accountant's state (RDP per order, steps), if differential privacy is on.
     pub accountant: Option<(Vec<f64>, u64)>,
+    /// The last task id an asynchronous engine dispatched (its tasks outnumber its rounds);
+    /// a resumed run numbers its tasks after it, so that no result of a task sent before
+    /// the restart can be taken for a new one. `None` for synchronous rounds, whose task is
+    /// the round.
+    pub last_task: Option<u64>,
 }

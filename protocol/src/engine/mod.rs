@@ -10,6 +10,9 @@
 //!
 //! * [`sync::SyncEngine`]: synchronous rounds (FedAvg's): sample, train, aggregate,
 //!   evaluate, persist, repeat.
+//! * [`fedbuff::FedBuffEngine`]: buffered asynchronous aggregation: clients train on the
+//!   version they were sent, updates are folded in as they arrive, weighted by staleness,
+//!   and the model steps every `buffer_size` updates.
 //!
 //! Two layers sit under the engines rather than inside them:
 //!
@@ -23,6 +26,7 @@
 pub(crate) mod cohort;
 pub(crate) mod config;
 pub(crate) mod events;
+pub(crate) mod fedbuff;
 pub(crate) mod sync;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -42,8 +46,11 @@ use crate::wire::params::Params;
 use crate::{Error, InvalidMessage};
 use flotilla_crypto::dp::RdpAccountant;
 
-pub use config::{CoordinatorConfig, DEFAULT_HISTORY_WINDOW, DEFAULT_MAX_EXAMPLES};
-pub use events::{DropKind, DropReason, Event, RoundRecord, Snapshot, Transmit};
+pub use config::{
+    CoordinatorConfig, DEFAULT_HISTORY_WINDOW, DEFAULT_MAX_EXAMPLES, EngineConfig, FedBuffConfig,
+    StalenessWeight,
+};
+pub use events::{AsyncStep, DropKind, DropReason, Event, RoundRecord, Snapshot, Transmit};
 
 /// The coordinator's named timers (in [`TimerQueue`]); the idle queue is the registry's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -56,6 +63,10 @@ pub(crate) enum Timer {
     SecAggStage,
     /// The evaluation deadline.
     Evaluate,
+    /// An asynchronous task's deadline, by task id.
+    Task(u64),
+    /// The current stage deadline of an asynchronous task's SecAgg+ cohort, by task id.
+    Cohort(u64),
 }
 
 /// The client asked for the initial model, and those tried before it.
@@ -98,6 +109,8 @@ pub(crate) struct Core {
     pub(crate) init: Option<InitAsk>,
     /// All rounds are done (or the privacy budget is spent).
     pub(crate) finished: bool,
+    /// Tasks are numbered apart from rounds (asynchronous engines): snapshots keep the last.
+    pub(crate) numbered_tasks: bool,
 }
 
 /// Why [`Core::account_release`] refused a release.
@@ -109,6 +122,9 @@ pub(crate) struct BudgetReached;
 pub(crate) trait Engine: Send {
     /// The engine's state, for status pages ("Waiting", "Train", …).
     fn phase_name(&self) -> &'static str;
+    /// The round reached: the last round started (synchronous), the model version
+    /// (asynchronous).
+    fn round(&self, core: &Core) -> u64;
     /// Dispatch work if the engine can: called when something changed that may allow it
     /// (a client enrolled, the model arrived, a round became durable, the driver started).
     /// Never called while the initial model is asked for, while a round waits to be
@@ -154,7 +170,9 @@ impl Core {
         global: Option<Params>,
     ) -> Self {
         let accountant = config.dp.as_ref().map(|_| RdpAccountant::new());
+        let numbered_tasks = !matches!(config.engine, EngineConfig::Sync);
         Self {
+            numbered_tasks,
             config,
             strategy,
             registry: Registry::default(),
@@ -260,10 +278,21 @@ impl Core {
             epsilon: acc.epsilon(dp.delta),
             delta: dp.delta,
         });
-        Ok((dp.mode == DpMode::Client).then(|| ClientDp {
+        Ok(self.client_dp(cohort))
+    }
+
+    /// The clip and noise each client applies (client-mode DP) when `cohort` updates make
+    /// up one release: together their noise has the configured standard deviation.
+    pub(crate) fn client_dp(&self, cohort: usize) -> Option<ClientDp> {
+        let dp = self
+            .config
+            .dp
+            .as_ref()
+            .filter(|dp| dp.mode == DpMode::Client)?;
+        Some(ClientDp {
             clip: dp.clip_norm(),
-            noise_std: sigma * dp.clip_norm() / (cohort.max(1) as f64).sqrt(),
-        }))
+            noise_std: dp.noise_multiplier * dp.clip_norm() / (cohort.max(1) as f64).sqrt(),
+        })
     }
 
     /// Records a round that ended: history (windowed), the snapshot a checkpoint will hold,
@@ -289,6 +318,7 @@ impl Core {
                     .accountant
                     .as_ref()
                     .map(|a| (a.rdp().to_vec(), a.steps())),
+                last_task: self.numbered_tasks.then_some(self.round),
             });
         }
         let persist = self.last_snapshot.is_some();

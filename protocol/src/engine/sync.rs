@@ -72,6 +72,10 @@ impl Engine for SyncEngine {
         }
     }
 
+    fn round(&self, core: &Core) -> u64 {
+        core.round
+    }
+
     /// Starts the next round if the engine is idle and enough clients are enrolled.
     fn dispatch(&mut self, core: &mut Core, now: Instant) {
         if !matches!(self.phase, Phase::Waiting) || !core.may_dispatch() {
@@ -178,6 +182,7 @@ impl Engine for SyncEngine {
                         aborted: Some(AbortReason::SecureAggregation(e.to_string())),
                         secagg: None,
                         privacy: None,
+                        asynchronous: None,
                     };
                     self.end_round(core, now, record);
                     return;
@@ -491,6 +496,7 @@ impl SyncEngine {
             aborted: None,
             secagg: Some(cohort.server().stats().clone()),
             privacy: None,
+            asynchronous: None,
         };
         let unmasked = match outcome {
             Ok(u) => u,
@@ -545,6 +551,7 @@ impl SyncEngine {
             aborted: None,
             secagg: None,
             privacy: None,
+            asynchronous: None,
         };
         if t.results.len() < core.config.min_train_results {
             let reason = AbortReason::TooFewClients {

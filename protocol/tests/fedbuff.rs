@@ -95,6 +95,7 @@ fn buffer_of_one(max_staleness: u64) -> FedBuffConfig {
         staleness_weight: StalenessWeight::Sqrt,
         server_learning_rate: 1.0,
         cohort_size: 2,
+        cohort_target: 0,
     }
 }
 
@@ -158,6 +159,7 @@ fn a_buffer_step_is_the_mean_of_its_weighted_updates() {
         staleness_weight: StalenessWeight::Poly(1.0),
         server_learning_rate: 1.0,
         cohort_size: 2,
+        cohort_target: 0,
     };
     let h = run(2, fb);
     let records = h.completed_rounds();

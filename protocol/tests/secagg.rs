@@ -486,6 +486,7 @@ fn a_fedbuff_cohorts_unmasked_sum_equals_the_plaintext_sum_with_a_dropout() {
             concurrency: 4,
             buffer_size: 3,
             cohort_size: 4,
+            cohort_target: 0,
             max_staleness: 2,
             staleness_weight: StalenessWeight::Sqrt,
             server_learning_rate: 1.0,
@@ -524,6 +525,70 @@ fn a_fedbuff_cohorts_unmasked_sum_equals_the_plaintext_sum_with_a_dropout() {
     {
         assert!((a - b).abs() < 1e-6, "{a} vs {b}");
     }
+}
+
+#[test]
+fn a_fedbuff_cohort_is_unmasked_once_its_target_is_in_and_leaves_the_rest_out() {
+    // A cohort of five (classic SecAgg, k = 4, t = 3: one dropout tolerated) unmasked once
+    // four masked inputs are in: the fifth member is left out as a dropout, told so, and the
+    // sum is the plaintext sum of the four, bit for bit.
+    let s = Setup {
+        n: 5,
+        secagg: SecAggConfig {
+            neighbours: 0,
+            threshold: 3,
+            clip: 0.1,
+            bits: 20,
+            max_weight: 1000,
+            phase_timeout_ms: 5_000,
+        },
+        len: 300,
+        rounds: 1,
+    };
+    let config = CoordinatorConfig {
+        engine: EngineConfig::FedBuff(FedBuffConfig {
+            concurrency: 5,
+            buffer_size: 4,
+            cohort_size: 5,
+            cohort_target: 4,
+            max_staleness: 2,
+            staleness_weight: StalenessWeight::Sqrt,
+            server_learning_rate: 1.0,
+        }),
+        ..secure_config(&s)
+    };
+    let (mut h, log) = build_with(config, &s, Box::new(fedavg(5)), BTreeMap::new(), |_, _| {
+        None
+    });
+    assert!(h.run_to_completion(Duration::from_secs(600)));
+    let done = h.completed_rounds();
+    assert_eq!(done.len(), 1);
+    let who: Vec<ClientId> = done[0]
+        .asynchronous
+        .as_ref()
+        .unwrap()
+        .staleness
+        .iter()
+        .map(|(c, _)| c.clone())
+        .collect();
+    assert_eq!(who.len(), 4);
+    assert_eq!(done[0].failures.len(), 1);
+    let left_out = &done[0].failures[0].client;
+    assert!(!who.contains(left_out));
+    let log = log.borrow();
+    assert!(log.received[left_out].contains(&"Abort"));
+    assert_same_sum(&h, &expected_sum(&log, 1, &who), "cohort target");
+
+    // A target the graph cannot tolerate is refused at start.
+    let mut bad = secure_config(&s);
+    bad.engine = EngineConfig::FedBuff(FedBuffConfig {
+        concurrency: 5,
+        buffer_size: 4,
+        cohort_size: 5,
+        cohort_target: 3,
+        ..FedBuffConfig::default()
+    });
+    assert!(bad.validate().is_err());
 }
 
 #[test]

@@ -476,6 +476,9 @@ pub struct EngineSettings {
     pub server_learning_rate: f64,
     /// FedBuff under secure aggregation: clients per SecAgg+ cohort.
     pub cohort_size: usize,
+    /// FedBuff under secure aggregation: unmask a cohort once this many masked inputs are
+    /// in (the rest are left out as dropouts); 0: wait for all or the deadline.
+    pub cohort_target: usize,
 }
 
 impl Default for EngineSettings {
@@ -489,6 +492,7 @@ impl Default for EngineSettings {
             staleness_weight: "sqrt".into(),
             server_learning_rate: d.server_learning_rate,
             cohort_size: d.cohort_size,
+            cohort_target: d.cohort_target,
         }
     }
 }
@@ -505,6 +509,7 @@ impl EngineSettings {
                 staleness_weight: self.staleness_weight.parse()?,
                 server_learning_rate: self.server_learning_rate,
                 cohort_size: self.cohort_size,
+                cohort_target: self.cohort_target,
             })),
             other => Err(Error::Config(format!(
                 "engine.kind {other:?}: expected \"sync\" or \"fedbuff\""

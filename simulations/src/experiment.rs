@@ -38,7 +38,7 @@ use flotilla_protocol::wire::messages::Capabilities;
 use flotilla_protocol::wire::messages::{EvaluateRes, Metrics, TrainConfig, TrainRes};
 use flotilla_protocol::{ClientId, Coordinator, Params, Participant, RoundRecord};
 use flotilla_server::ServerConfig;
-use flotilla_server::config::{StrategyConfig, TrainSettings};
+use flotilla_server::config::{EngineSettings, StrategyConfig, TrainSettings};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -99,6 +99,75 @@ pub struct Faults {
     pub speed_profiles: Vec<SpeedProfile>,
     /// Simulated seconds one local training job takes on a normal client.
     pub compute_secs: f64,
+    /// Heavy-tailed device speeds: each client's work takes `exp(σ·Z)` times as long
+    /// (log-normal with median 1, Z standard normal), on top of its profile. 0: off.
+    pub speed_lognormal_sigma: f64,
+    /// A device trace: a CSV file of `client,speed_factor` lines (client index from 0; a
+    /// header line is allowed). Client `i` takes the factor of line `i` (the file repeats
+    /// for more clients), in place of the profiles and the log-normal draw.
+    pub speed_trace: Option<PathBuf>,
+}
+
+/// Largest speed-trace file read (bytes).
+pub const MAX_TRACE_BYTES: u64 = 16 << 20;
+
+/// Reads a speed trace (see [`Faults::speed_trace`]): the factor of each client, in order.
+pub fn read_speed_trace(path: &Path) -> anyhow::Result<Vec<f64>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    anyhow::ensure!(
+        len <= MAX_TRACE_BYTES,
+        "{}: {len} bytes, more than the {MAX_TRACE_BYTES} a speed trace may have",
+        path.display()
+    );
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut by_client = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut cols = line.split(',').map(str::trim);
+        let (Some(c), Some(f), None) = (cols.next(), cols.next(), cols.next()) else {
+            anyhow::bail!(
+                "{}:{}: expected `client,speed_factor`",
+                path.display(),
+                n + 1
+            );
+        };
+        let (Ok(client), Ok(factor)) = (c.parse::<usize>(), f.parse::<f64>()) else {
+            if n == 0 {
+                continue; // a header
+            }
+            anyhow::bail!(
+                "{}:{}: expected `client,speed_factor`",
+                path.display(),
+                n + 1
+            );
+        };
+        anyhow::ensure!(
+            factor.is_finite() && factor > 0.0 && factor <= 1e4,
+            "{}:{}: speed factor {factor} must be in (0, 10000]",
+            path.display(),
+            n + 1
+        );
+        anyhow::ensure!(
+            by_client.insert(client, factor).is_none(),
+            "{}:{}: client {client} listed twice",
+            path.display(),
+            n + 1
+        );
+    }
+    anyhow::ensure!(!by_client.is_empty(), "{}: no clients", path.display());
+    let factors: Vec<f64> = by_client.values().copied().collect();
+    anyhow::ensure!(
+        by_client.keys().copied().eq(0..factors.len()),
+        "{}: clients must be numbered 0, 1, 2, … without gaps",
+        path.display()
+    );
+    Ok(factors)
 }
 
 /// A class of clients with the same speed (e.g. phones 3× slower than laptops).
@@ -112,6 +181,19 @@ pub struct SpeedProfile {
 }
 
 impl Faults {
+    /// Every client's slow-down, in client order: the trace's factor, or the profile's
+    /// factor times the log-normal draw times the straggler factor. Seeded from `seed`.
+    pub fn slowdowns(&self, clients: usize, seed: u64) -> anyhow::Result<Vec<f64>> {
+        if let Some(path) = &self.speed_trace {
+            let trace = read_speed_trace(path)?;
+            return Ok((0..clients)
+                .map(|i| trace.get(i % trace.len()).copied().unwrap_or(1.0))
+                .collect());
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED);
+        Ok((0..clients).map(|_| self.slowdown(&mut rng)).collect())
+    }
+
     /// A client's slow-down: its profile's factor, times the straggler factor if it is one.
     /// Draws from `rng` in a fixed order, so the same seed gives every client the same speed.
     fn slowdown(&self, rng: &mut ChaCha8Rng) -> f64 {
@@ -128,7 +210,15 @@ impl Faults {
                 }
             }
         }
+        // Drawn last, and only when on: runs without it keep their speeds.
+        let heavy = if self.speed_lognormal_sigma > 0.0 {
+            let z: f64 = rng.sample(rand_distr::StandardNormal);
+            (self.speed_lognormal_sigma * z).exp()
+        } else {
+            1.0
+        };
         profile
+            * heavy
             * if straggler {
                 self.straggler_factor.max(1.0)
             } else {
@@ -231,6 +321,10 @@ pub struct Experiment {
     /// Simulated seconds before a round's stragglers are cut.
     #[serde(default = "default_round_timeout")]
     pub round_timeout_secs: f64,
+    /// How rounds are scheduled (the server's `[engine]`): `sync` (default) or `fedbuff`;
+    /// with `fedbuff`, `rounds` counts model steps and `fraction` is not used.
+    #[serde(default)]
+    pub engine: EngineSettings,
 }
 
 fn default_round_timeout() -> f64 {
@@ -273,6 +367,9 @@ pub struct RoundMetrics {
     pub epsilon: Option<f64>,
     /// Wall-clock seconds since the start.
     pub wall_secs: f64,
+    /// The federation's clock at the end of the round: simulated seconds in memory (device
+    /// speeds and message delays included), wall-clock seconds over QUIC.
+    pub sim_secs: f64,
 }
 
 /// `summary.json`.
@@ -303,6 +400,11 @@ pub struct Summary {
     pub idle_client_bytes: Option<f64>,
     /// Median wall-clock seconds per round (rounds after the first).
     pub secs_per_round: Option<f64>,
+    /// The federation's clock (simulated seconds in memory, wall-clock over QUIC) when the
+    /// target was reached, interpolated as `rounds_to_target` is, if reached.
+    pub time_to_target_secs: Option<f64>,
+    /// The federation's clock at the end of the run.
+    pub sim_secs: f64,
 }
 
 /// Resident set size of this process, from `/proc/self/status` (Linux).
@@ -311,6 +413,16 @@ pub fn rss_bytes() -> Option<u64> {
     let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// The clock when `target` was reached: [`rounds_to_target`]'s fractional round mapped onto
+/// the clock of the rows (`clock[r]` at the end of round r), linearly.
+pub fn time_to_target(acc: &[f64], clock: &[f64], target: f64) -> Option<f64> {
+    let r = rounds_to_target(acc, target)?;
+    let lo = r.floor() as usize;
+    let a = *clock.get(lo)?;
+    let b = clock.get(lo + 1).copied().unwrap_or(a);
+    Some(a + (b - a) * (r - lo as f64))
 }
 
 /// Rounds to reach `target` on the best-so-far accuracy curve, interpolating linearly between
@@ -459,6 +571,7 @@ fn server_settings(exp: &Experiment) -> ServerConfig {
     server.rounds.round_timeout_secs = exp.round_timeout_secs;
     server.rounds.evaluate_every = 0;
     server.rounds.seed = exp.seed;
+    server.engine = exp.engine.clone();
     server
 }
 
@@ -560,7 +673,13 @@ struct Recorder {
 
 impl Recorder {
     /// Records a finished round; returns whether the run should stop (target reached).
-    fn round(&mut self, record: &RoundRecord, global: &Params) -> anyhow::Result<bool> {
+    /// Records a round's row; `sim_secs` is the simulated clock (`None`: real time).
+    fn round(
+        &mut self,
+        record: &RoundRecord,
+        global: &Params,
+        sim_secs: Option<f64>,
+    ) -> anyhow::Result<bool> {
         if !self.seen.insert(record.round) {
             return Ok(false);
         }
@@ -576,6 +695,7 @@ impl Recorder {
             abort_reason: record.aborted.as_ref().map(|a| format!("{a:?}")),
             epsilon: record.privacy.as_ref().map(|p| p.epsilon),
             wall_secs: self.start.elapsed().as_secs_f64(),
+            sim_secs: sim_secs.unwrap_or_else(|| self.start.elapsed().as_secs_f64()),
         };
         match &self.bar {
             Some(b) => {
@@ -714,6 +834,7 @@ fn run_model<M: Classifier + Send + 'static>(
             abort_reason: None,
             epsilon: None,
             wall_secs: start.elapsed().as_secs_f64(),
+            sim_secs: 0.0,
         }],
         bar,
         start,
@@ -759,6 +880,11 @@ fn run_model<M: Classifier + Send + 'static>(
         bytes_delivered: stats.bytes,
         idle_client_bytes: stats.idle_client_bytes,
         secs_per_round: per_round.get(per_round.len() / 2).copied(),
+        time_to_target_secs: exp.target_accuracy.and_then(|t| {
+            let clock: Vec<f64> = rows.iter().map(|r| r.sim_secs).collect();
+            time_to_target(&acc, &clock, t)
+        }),
+        sim_secs: rows.last().map_or(0.0, |r| r.sim_secs),
     };
     write_outputs(out, exp, &rows, &summary)?;
     Ok(summary)
@@ -825,14 +951,14 @@ impl Run<'_> {
         };
         let mut identities = identities.map(Vec::into_iter);
         let rss_before = rss_bytes();
-        let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0x5EED);
+        let slowdowns = exp.faults.slowdowns(exp.clients, exp.seed)?;
         let compute = Duration::from_secs_f64(if exp.faults.compute_secs > 0.0 {
             exp.faults.compute_secs
         } else {
             1.0
         });
         for (i, idx) in std::mem::take(&mut self.parts).into_iter().enumerate() {
-            let slowdown = exp.faults.slowdown(&mut rng);
+            let slowdown = slowdowns.get(i).copied().unwrap_or(1.0);
             let c = VirtualClient {
                 data: LocalData::subset(self.train.clone(), idx)?,
                 pool: self.pool.clone(),
@@ -886,7 +1012,10 @@ impl Run<'_> {
                         Event::WaitingForClients { .. } => {
                             waiting.get_or_insert((*at, ev.clone()));
                         }
-                        Event::RoundStarted { .. } => waiting = None,
+                        Event::RoundStarted { .. } | Event::Dispatched { .. } => waiting = None,
+                        Event::ClientDropped { client, reason } => {
+                            tracing::warn!("{client} dropped: {reason}");
+                        }
                         _ => {}
                     }
                 }
@@ -920,7 +1049,8 @@ impl Run<'_> {
             // None: finished (all rounds done, or the privacy budget), or nothing left to do.
             let Some(record) = ended else { break };
             let global = h.coordinator.global().context("no model")?.clone();
-            if self.recorder.round(&record, &global)? || h.coordinator.is_finished() {
+            let clock = Some(h.elapsed().as_secs_f64());
+            if self.recorder.round(&record, &global, clock)? || h.coordinator.is_finished() {
                 break;
             }
         }
@@ -948,17 +1078,18 @@ impl Run<'_> {
         config.train = self.server.train.clone();
         config.secure_aggregation = self.server.secure_aggregation.clone();
         config.dp = self.server.dp.clone();
+        config.engine = self.server.engine.clone();
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut server =
             rt.block_on(async { flotilla_server::start_with_store(config, store, Some(ev_tx)) })?;
         let addr = server.local_addr;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let rss_before = rss_bytes();
-        let mut rng = ChaCha8Rng::seed_from_u64(exp.seed ^ 0x5EED);
+        let slowdowns = exp.faults.slowdowns(exp.clients, exp.seed)?;
         let mut clients = Vec::new();
         for (i, (id, idx)) in ids.iter().zip(std::mem::take(&mut self.parts)).enumerate() {
             // Real time: a slowed client sleeps the extra share of `compute_secs`.
-            let slowdown = exp.faults.slowdown(&mut rng);
+            let slowdown = slowdowns.get(i).copied().unwrap_or(1.0);
             let delay = exp.faults.compute_secs.max(0.0) * (slowdown - 1.0).max(0.0);
             let trainer = PooledTrainer {
                 pool: self.pool.clone(),
@@ -1003,7 +1134,7 @@ impl Run<'_> {
                         anyhow::bail!("the server sent round {round}'s model without its record");
                     };
                     global = params;
-                    if self.recorder.round(&r, &global)? {
+                    if self.recorder.round(&r, &global, None)? {
                         stopped_early = true;
                         break;
                     }
@@ -1011,7 +1142,7 @@ impl Run<'_> {
                 Event::RoundAborted(r) => {
                     // No checkpoint for a round that did not complete: the model is the last
                     // completed round's.
-                    if self.recorder.round(&r, &global)? {
+                    if self.recorder.round(&r, &global, None)? {
                         stopped_early = true;
                         break;
                     }
@@ -1061,11 +1192,12 @@ fn write_outputs(
 
 /// Writes `metrics.csv` (atomically: a long run's file is complete after every round).
 fn write_csv(out: &Path, rows: &[RoundMetrics]) -> anyhow::Result<()> {
-    let mut csv =
-        String::from("round,accuracy,loss,train_loss,results,failures,aborted,epsilon,wall_secs\n");
+    let mut csv = String::from(
+        "round,accuracy,loss,train_loss,results,failures,aborted,epsilon,sim_secs,wall_secs\n",
+    );
     for r in rows {
         csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{:.3}\n",
+            "{},{},{},{},{},{},{},{},{:.3},{:.3}\n",
             r.round,
             r.accuracy,
             r.loss,
@@ -1074,6 +1206,7 @@ fn write_csv(out: &Path, rows: &[RoundMetrics]) -> anyhow::Result<()> {
             r.failures,
             r.aborted,
             r.epsilon.map(|v| v.to_string()).unwrap_or_default(),
+            r.sim_secs,
             r.wall_secs
         ));
     }

@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod byzantine;
+pub mod compare;
 pub mod evaluation;
 pub mod experiment;
 pub mod federation;

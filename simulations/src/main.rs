@@ -119,6 +119,17 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Runs several experiment files and compares them on the federation's clock (time to
+    /// target in simulated hours, rounds, bytes) with one chart of accuracy against time:
+    /// `compare experiments/async-2nn-*.toml` is synchronous rounds against FedBuff.
+    Compare {
+        /// The experiment files.
+        #[arg(required = true)]
+        experiments: Vec<PathBuf>,
+        /// Output directory (default: out/compare).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// The Byzantine experiment: 20 clients, 4 sending sign-flipped updates ×10, FedAvg
     /// against the robust strategies (in memory, real Burn training, bundled MNIST subset).
     Byzantine {
@@ -137,6 +148,11 @@ fn main() -> std::process::ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Compare { experiments, out } => {
+            let out = out.unwrap_or_else(|| PathBuf::from("out").join("compare"));
+            flotilla_sim::compare::compare(&experiments, &out)?;
+            Ok(())
+        }
         Command::Run {
             experiment,
             transport,

@@ -105,3 +105,87 @@ pub fn curves(
     }
     Ok(())
 }
+
+/// Several runs' accuracy against the federation's clock (hours) on one chart, written as
+/// `<stem>.svg` and `<stem>.png`.
+pub fn accuracy_vs_time(
+    stem: &Path,
+    title: &str,
+    runs: &[(String, Vec<(f64, f64)>)],
+    target: Option<f64>,
+) -> anyhow::Result<()> {
+    REGISTER.call_once(|| {
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+    });
+    fn one<DB: DrawingBackend>(
+        root: DrawingArea<DB, Shift>,
+        title: &str,
+        runs: &[(String, Vec<(f64, f64)>)],
+        target: Option<f64>,
+    ) -> anyhow::Result<()>
+    where
+        DB::ErrorType: 'static,
+    {
+        root.fill(&WHITE).map_err(err)?;
+        let max_x = runs
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|q| q.0))
+            .fold(1e-3, f64::max);
+        let lo = runs
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(|q| q.1))
+            .filter(|v| v.is_finite())
+            .fold(target.unwrap_or(1.0), f64::min)
+            .max(0.8);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..max_x, lo..1.0)
+            .map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("simulated hours")
+            .y_desc("test accuracy")
+            .draw()
+            .map_err(err)?;
+        let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+        for (i, (name, points)) in runs.iter().enumerate() {
+            let c = colours.get(i % colours.len()).copied().unwrap_or(BLACK);
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), c))
+                .map_err(err)?
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        }
+        if let Some(t) = target {
+            chart
+                .draw_series(LineSeries::new([(0.0, t), (max_x, t)], BLACK.mix(0.3)))
+                .map_err(err)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)?;
+        Ok(())
+    }
+    let svg = stem.with_extension("svg");
+    one(
+        SVGBackend::new(&svg, (900, 560)).into_drawing_area(),
+        title,
+        runs,
+        target,
+    )?;
+    let png = stem.with_extension("png");
+    one(
+        BitMapBackend::new(&png, (900, 560)).into_drawing_area(),
+        title,
+        runs,
+        target,
+    )
+}

@@ -257,3 +257,60 @@ fn every_shipped_experiment_file_is_valid() {
     }
     assert!(n >= 7, "{n} experiment files");
 }
+
+#[test]
+fn heavy_tailed_speeds_are_seeded_and_a_trace_file_is_checked() {
+    use flotilla_sim::experiment::{Faults, read_speed_trace};
+    let f = Faults {
+        speed_lognormal_sigma: 1.0,
+        ..Faults::default()
+    };
+    let a = f.slowdowns(10_000, 3).unwrap();
+    assert_eq!(a, f.slowdowns(10_000, 3).unwrap());
+    assert_ne!(a, f.slowdowns(10_000, 4).unwrap());
+    // Log-normal with median 1 and σ = 1: median ≈ 1, about 16 % above e¹.
+    let mut sorted = a.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[5_000];
+    assert!((median - 1.0).abs() < 0.05, "{median}");
+    let above = a.iter().filter(|&&x| x > 1f64.exp()).count() as f64 / 1e4;
+    assert!((above - 0.1587).abs() < 0.015, "{above}");
+    // Off: everyone at speed 1.
+    assert!(
+        Faults::default()
+            .slowdowns(5, 3)
+            .unwrap()
+            .iter()
+            .all(|&x| x == 1.0)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let write = |text: &str| {
+        let p = dir.path().join("trace.csv");
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let p = write("client,speed_factor\n0,1.0\n1,2.5\n# slow\n2,10\n");
+    assert_eq!(read_speed_trace(&p).unwrap(), vec![1.0, 2.5, 10.0]);
+    let traced = Faults {
+        speed_trace: Some(p),
+        speed_lognormal_sigma: 1.0,
+        ..Faults::default()
+    };
+    assert_eq!(
+        traced.slowdowns(5, 0).unwrap(),
+        vec![1.0, 2.5, 10.0, 1.0, 2.5]
+    );
+    for bad in [
+        "0,1\n2,1\n",      // a gap
+        "0,1\n0,2\n",      // a client twice
+        "0,0\n",           // not positive
+        "0,NaN\n",         // not finite
+        "0,1e9\n",         // too slow to be a device
+        "0,1,3\n",         // a third column
+        "x,1\n0,1\n1,y\n", // a bad line after the header
+        "client,speed\n",  // no client
+    ] {
+        assert!(read_speed_trace(&write(bad)).is_err(), "{bad:?}");
+    }
+}

@@ -705,3 +705,76 @@ async fn client_disconnecting_mid_training_does_not_hold_the_round() {
     assert_eq!(r.results, 3);
     assert_eq!(r.failures[0].reason, FailureReason::Disconnected);
 }
+
+/// FedBuff over real QUIC: 20 clients in two speed classes (10 answer in about 20 ms, 10 in
+/// about 400 ms), 10 training at once, a step every 5 updates. The run completes, the slow
+/// class's updates are counted with their staleness (more versions behind, on average, than
+/// the fast class's), and the server's model is exactly what the records say: every client
+/// adds 1.0, so each step adds the mean of the updates' weights 1/√(1+τ).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_run_over_quic_counts_the_slow_class_with_its_staleness() {
+    logs();
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, ids) = make_pki(&dir.path().join("pki"), 20).unwrap();
+    let mut config = base_config(&pki, dir.path(), 12, 20);
+    config.rounds.min_train_results = 1;
+    config.rounds.evaluate_every = 0;
+    config.strategy.min_train_clients = 1;
+    config.engine.kind = "fedbuff".into();
+    config.engine.concurrency = 10;
+    config.engine.buffer_size = 5;
+    config.engine.max_staleness = 50;
+    config.engine.staleness_weight = "sqrt".into();
+    let server = flotilla_server::start(config, None).unwrap();
+    let (_stop, stop_rx) = watch::channel(false);
+    let slow: Vec<String> = ids[10..].to_vec();
+    let clients: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let time = Duration::from_millis(if i < 10 { 20 } else { 400 });
+            spawn_client(
+                &pki,
+                id,
+                server.local_addr,
+                Delta(1.0, time),
+                stop_rx.clone(),
+            )
+        })
+        .collect();
+    let summary = wait(server).await;
+    for c in clients {
+        finished(c).await.unwrap();
+    }
+    assert_eq!(summary.history.len(), 12);
+    let (mut fast_tau, mut slow_tau) = (Vec::new(), Vec::new());
+    let mut want = 0.0f64;
+    for r in &summary.history {
+        assert!(r.aborted.is_none(), "{r:?}");
+        let step = r.asynchronous.as_ref().expect("an async step's record");
+        assert_eq!(step.staleness.len(), 5);
+        let mut sum = 0.0;
+        for (client, tau) in &step.staleness {
+            sum += 1.0 / (1.0 + *tau as f64).sqrt();
+            if slow.iter().any(|s| s == client.as_str()) {
+                slow_tau.push(*tau as f64);
+            } else {
+                fast_tau.push(*tau as f64);
+            }
+        }
+        want += sum / 5.0;
+    }
+    assert!(
+        !slow_tau.is_empty(),
+        "no update of the slow class was counted"
+    );
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    assert!(
+        mean(&slow_tau) > mean(&fast_tau),
+        "slow class staleness {slow_tau:?} vs fast {fast_tau:?}"
+    );
+    let global = summary.global.unwrap();
+    for v in global.values() {
+        assert!((*v as f64 - want).abs() < 1e-4, "{v} vs {want}");
+    }
+}

@@ -91,6 +91,11 @@ pub struct FedBuffConfig {
     /// is `[secure_aggregation]`'s, its minimum of inputs `min_train_results`, its deadline
     /// `round_timeout`.
     pub cohort_size: usize,
+    /// Under secure aggregation: a cohort's masked inputs are unmasked as soon as this many
+    /// are in; members still training are left out as dropouts (0: wait for every member or
+    /// the deadline). At most `cohort_size`, at least `min_train_results`, and no more than
+    /// the SecAgg+ graph tolerates (`cohort_size − cohort_target ≤ k − t`).
+    pub cohort_target: usize,
 }
 
 impl Default for FedBuffConfig {
@@ -102,6 +107,7 @@ impl Default for FedBuffConfig {
             staleness_weight: StalenessWeight::Sqrt,
             server_learning_rate: 1.0,
             cohort_size: 10,
+            cohort_target: 0,
         }
     }
 }
@@ -282,6 +288,36 @@ impl CoordinatorConfig {
                          engine.cohort_size {}",
                         self.min_train_results, fb.cohort_size
                     )));
+                }
+                if fb.cohort_target > 0 {
+                    if fb.cohort_target < self.min_train_results
+                        || fb.cohort_target > fb.cohort_size
+                    {
+                        return Err(Error::Config(format!(
+                            "engine.cohort_target {} must be between rounds.min_train_results \
+                             ({}) and engine.cohort_size ({})",
+                            fb.cohort_target, self.min_train_results, fb.cohort_size
+                        )));
+                    }
+                    // The members left out are dropouts: the graph must tolerate that many.
+                    let probe: Vec<crate::ClientId> = (0..fb.cohort_size)
+                        .map(|i| crate::ClientId::new(format!("c{i}")))
+                        .collect();
+                    let setup = sa.setup_for(probe, 0)?;
+                    let tolerated = setup.neighbours.saturating_sub(setup.threshold) as usize;
+                    if fb.cohort_size - fb.cohort_target > tolerated {
+                        return Err(Error::Config(format!(
+                            "engine.cohort_target {} leaves {} of a cohort of {} out, but its \
+                             SecAgg+ graph (k = {}, t = {}) tolerates {} dropouts: raise \
+                             cohort_target or lower secure_aggregation.threshold",
+                            fb.cohort_target,
+                            fb.cohort_size - fb.cohort_target,
+                            fb.cohort_size,
+                            setup.neighbours,
+                            setup.threshold,
+                            tolerated
+                        )));
+                    }
                 }
                 if (fb.cohort_size as u64).saturating_mul(sa.max_weight) > u32::MAX as u64 {
                     return Err(Error::Config(format!(

@@ -271,6 +271,12 @@ impl FedBuffEngine {
                             deadline,
                             global.len(),
                             core.config.min_train_results,
+                        )
+                        .with_collect_target(
+                            match self.config.cohort_target {
+                                0 => usize::MAX,
+                                t => t,
+                            },
                         ),
                     ));
                 }

@@ -125,6 +125,9 @@ pub struct ServerRound {
     entered: Option<Stage>,
     /// The reconstruct-and-unmask work, ready for the driver ([`ServerRound::take_job`]).
     job: Option<UnmaskJob>,
+    /// Masked-input collection closes once this many inputs are in (the rest are left out
+    /// as dropouts); `usize::MAX`: it waits for every live client or the deadline.
+    collect_target: usize,
 }
 
 impl std::fmt::Debug for ServerRound {
@@ -185,7 +188,18 @@ impl ServerRound {
             stats,
             entered: None,
             job: None,
+            collect_target: usize::MAX,
         }
+    }
+
+    /// Closes masked-input collection as soon as `target` inputs are in: the clients still
+    /// training are left out of the sum as dropouts (their pairwise masks are removed with
+    /// their neighbours' shares, as for any dropout; their self masks are never asked for).
+    /// The asynchronous engine's cohorts use it so that a cohort waits for its `target`
+    /// fastest members, not its slowest.
+    pub fn with_collect_target(mut self, target: usize) -> Self {
+        self.collect_target = target.max(1);
+        self
     }
 
     /// The stage entered since the last call, if any (for progress reports).
@@ -295,23 +309,28 @@ impl ServerRound {
     /// The stage's deadline passed: whoever has not answered is out.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.stage < Stage::Unmasking && now >= self.deadline {
-            for i in std::mem::take(&mut self.pending) {
-                self.reasons.entry(i).or_insert(FailureReason::Timeout);
-                self.gone.insert(i);
-                if let Some(id) = self.setup.participants.get(i) {
-                    self.out.push((
-                        id.clone(),
-                        Message::Abort {
-                            round: Some(self.round),
-                            reason: AbortReason::SecureAggregation(format!(
-                                "too slow at {:?}; left out of the round",
-                                self.stage
-                            )),
-                        },
-                    ));
-                }
-            }
+            self.leave_out_pending();
             self.advance(now);
+        }
+    }
+
+    /// Whoever the stage still waits for is out (a timeout), and told so.
+    fn leave_out_pending(&mut self) {
+        for i in std::mem::take(&mut self.pending) {
+            self.reasons.entry(i).or_insert(FailureReason::Timeout);
+            self.gone.insert(i);
+            if let Some(id) = self.setup.participants.get(i) {
+                self.out.push((
+                    id.clone(),
+                    Message::Abort {
+                        round: Some(self.round),
+                        reason: AbortReason::SecureAggregation(format!(
+                            "too slow at {:?}; left out of the round",
+                            self.stage
+                        )),
+                    },
+                ));
+            }
         }
     }
 
@@ -357,6 +376,9 @@ impl ServerRound {
             _ => return Err(sa(SecAggError::OutOfOrder, "unexpected message")),
         }
         self.pending.remove(&i);
+        if self.stage == Stage::MaskedInput && self.u3.len() >= self.collect_target {
+            self.leave_out_pending();
+        }
         if self.pending.is_empty() || (self.stage == Stage::Unmask && self.can_reconstruct()) {
             self.advance(now);
         }

@@ -279,3 +279,40 @@ fn fedbuff_settings_are_checked() {
     assert!("poly:-1".parse::<StalenessWeight>().is_err());
     assert!("cubic".parse::<StalenessWeight>().is_err());
 }
+
+#[test]
+fn server_optimizers_step_on_the_buffered_mean() {
+    use flotilla_protocol::strategy::{FedAvgM, FedOpt, ServerOptimizer, Strategy};
+    // FedAvgM (β = 0.9, η = 1) on FedBuff's steps: the buffered means are 1, 1, 2/√3, 1/√2
+    // (as in the first test); v ← β·v + Δ̄, x ← x + v.
+    let run_with = |strategy: Box<dyn Strategy>| {
+        let c = Coordinator::new(config(4, buffer_of_one(10)), strategy, Some(model(0.0))).unwrap();
+        let mut h = Harness::new(c, 7);
+        add_two_speeds(&mut h);
+        assert!(h.run_to_completion(Duration::from_secs(3600)));
+        assert!(h.aborted_rounds().is_empty());
+        h
+    };
+    let h = run_with(Box::new(FedAvgM::new(*fedavg())));
+    let (mut v, mut x) = (0.0f64, 0.0f64);
+    for mean in [1.0, 1.0, 2.0 / 3f64.sqrt(), 1.0 / 2f64.sqrt()] {
+        v = 0.9 * v + mean;
+        x += v;
+    }
+    for got in h.coordinator.global().unwrap().values() {
+        assert!((*got as f64 - x).abs() < 1e-4, "{got} vs {x}");
+    }
+    // The adaptive server optimizers run on the same inputs and move the model the way the
+    // updates point.
+    for opt in [
+        ServerOptimizer::Adagrad,
+        ServerOptimizer::Adam,
+        ServerOptimizer::Yogi,
+    ] {
+        let h = run_with(Box::new(FedOpt::new(*fedavg(), opt)));
+        assert_eq!(h.coordinator.round(), 4);
+        for got in h.coordinator.global().unwrap().values() {
+            assert!(got.is_finite() && *got > 0.0, "{opt:?}: {got}");
+        }
+    }
+}

@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use flotilla_protocol::coordinator::{CoordinatorConfig, Event};
+use flotilla_protocol::coordinator::{CoordinatorConfig, EngineConfig, Event, FedBuffConfig};
 use flotilla_protocol::harness::{Action, FixedDelta, Harness};
 use flotilla_protocol::strategy::{FedAvg, Sampling};
 use flotilla_protocol::wire::messages::ClientId;
@@ -90,8 +90,19 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn harness(seed: u64) -> Harness {
+fn harness(seed: u64, fedbuff: bool) -> Harness {
+    let engine = if fedbuff {
+        EngineConfig::FedBuff(FedBuffConfig {
+            concurrency: 3,
+            buffer_size: 2,
+            max_staleness: 2,
+            ..FedBuffConfig::default()
+        })
+    } else {
+        EngineConfig::Sync
+    };
     let config = CoordinatorConfig {
+        engine,
         num_rounds: ROUNDS,
         min_available_clients: 2,
         min_train_results: 2,
@@ -144,8 +155,8 @@ fn check_invariants(h: &Harness) {
     assert!(c.round() <= ROUNDS);
 }
 
-fn run(seed: u64, ops: &[Op]) {
-    let mut h = harness(seed);
+fn run(seed: u64, ops: &[Op], fedbuff: bool) {
+    let mut h = harness(seed, fedbuff);
     let faults = Rc::new(RefCell::new(Faults::default()));
     let f = faults.clone();
     let mut n = seed | 1;
@@ -229,7 +240,16 @@ proptest! {
         seed in any::<u64>(),
         ops in proptest::collection::vec(op(), 1..40),
     ) {
-        run(seed, &ops);
+        run(seed, &ops, false);
+    }
+
+    /// The same for the buffered-asynchronous engine (each step is a round).
+    #[test]
+    fn random_operations_keep_the_invariants_under_fedbuff(
+        seed in any::<u64>(),
+        ops in proptest::collection::vec(op(), 1..40),
+    ) {
+        run(seed, &ops, true);
     }
 }
 
@@ -259,5 +279,6 @@ fn a_hostile_sequence_keeps_the_invariants() {
         Op::Heal,
         Op::Run(100),
     ];
-    run(3, &ops);
+    run(3, &ops, false);
+    run(3, &ops, true);
 }

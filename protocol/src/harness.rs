@@ -182,6 +182,10 @@ enum What {
     CoordinatorTimer,
     ParticipantTimer(ClientId),
     JobDone(ClientId, u64, Job),
+    /// The device leaves (end of an availability window).
+    GoOffline(ClientId),
+    /// The device comes back with a new session (start of an availability window).
+    GoOnline(ClientId),
 }
 
 struct Item {
@@ -369,6 +373,30 @@ impl Harness {
     pub fn kill(&mut self, id: &ClientId) {
         if let Some(n) = self.nodes.get_mut(id) {
             n.alive = false;
+        }
+    }
+
+    /// Makes `id` available only within `windows` (simulated time since the start, each
+    /// `(from, to)`, in order and not overlapping): at each window's end the device goes away
+    /// as a closed connection would (its work is lost, the server sees the close), and at
+    /// the next window's start it comes back with a new session (a new hello, the same
+    /// credentials). Before the first window it is away. Windows already past are skipped.
+    pub fn set_availability(&mut self, id: &ClientId, windows: &[(Duration, Duration)]) {
+        let elapsed = self.elapsed();
+        if !windows
+            .iter()
+            .any(|&(from, to)| from <= elapsed && elapsed < to)
+        {
+            self.schedule(Duration::ZERO, What::GoOffline(id.clone()));
+        }
+        for &(from, to) in windows {
+            if to <= elapsed || to <= from {
+                continue;
+            }
+            if from > elapsed {
+                self.schedule(from - elapsed, What::GoOnline(id.clone()));
+            }
+            self.schedule(to - elapsed, What::GoOffline(id.clone()));
         }
     }
 
@@ -610,6 +638,28 @@ impl Harness {
                 if let Some(n) = due {
                     n.timer = None;
                     n.participant.handle_timeout(now);
+                    self.flush_node(&id);
+                }
+            }
+            What::GoOffline(id) => {
+                self.disconnect(&id);
+                if let Some(n) = self.nodes.get_mut(&id) {
+                    // Work in progress is lost with the device.
+                    n.job_gen += 1;
+                    n.timer = None;
+                    n.participant.handle_disconnect();
+                }
+                self.flush_node(&id);
+            }
+            What::GoOnline(id) => {
+                let back = self.nodes.get_mut(&id).filter(|n| !n.alive).map(|n| {
+                    n.alive = true;
+                    n.connected = true;
+                    n.timer = None;
+                    n.job_gen += 1;
+                    n.participant.reconnect(now);
+                });
+                if back.is_some() {
                     self.flush_node(&id);
                 }
             }

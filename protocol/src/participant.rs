@@ -259,6 +259,23 @@ impl Participant {
         }
     }
 
+    /// A new session on a new connection (after this one closed, or to replace it): the
+    /// session's state is dropped — enrollment, heartbeats, the open task and its secure
+    /// round, queued messages and jobs — and a new hello is queued. The capabilities, the
+    /// secure-aggregation credentials, the crypto provider and the refusals are kept.
+    pub fn reconnect(&mut self, now: Instant) {
+        self.state = State::New;
+        self.client_id = None;
+        self.heartbeat = None;
+        self.next_heartbeat = None;
+        self.secure = None;
+        self.dp_task = None;
+        self.transmits.clear();
+        self.events.clear();
+        self.jobs = Jobs::default();
+        self.connect(now);
+    }
+
     /// True once welcomed.
     pub fn is_enrolled(&self) -> bool {
         matches!(self.state, State::Enrolled(_))

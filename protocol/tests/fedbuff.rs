@@ -316,3 +316,60 @@ fn server_optimizers_step_on_the_buffered_mean() {
         }
     }
 }
+
+#[test]
+fn a_device_that_goes_away_mid_task_fails_it_and_comes_back_with_a_new_session() {
+    // Client 1 is online in [0, 50 ms) and from 2 s on. It leaves while training its first
+    // task (the step records it as disconnected), comes back at 2 s with a new hello, and
+    // contributes again; while it is away the run waits (two clients must be enrolled).
+    let c = Coordinator::new(config(8, buffer_of_one(10)), fedavg(), Some(model(0.0))).unwrap();
+    let mut h = Harness::new(c, 7);
+    for i in 0..2 {
+        h.add_client(
+            id(i),
+            Box::new(FixedDelta {
+                delta: 1.0,
+                num_examples: 10,
+                initial: model(0.0),
+                compute: Duration::from_millis(100),
+            }),
+        );
+    }
+    h.set_availability(
+        &id(1),
+        &[
+            (Duration::ZERO, Duration::from_millis(50)),
+            (Duration::from_secs(2), Duration::from_secs(3600)),
+        ],
+    );
+    assert!(h.run_to_completion(Duration::from_secs(3600)));
+    let enrolled = h
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, Event::ClientEnrolled(c) if *c == id(1)))
+        .count();
+    assert_eq!(enrolled, 2, "enrolled once, then again after coming back");
+    let records = h.completed_rounds();
+    assert_eq!(records.len(), 8);
+    assert!(records[0].failures.iter().any(|f| f.client == id(1)
+        && f.reason == flotilla_protocol::strategy::FailureReason::Disconnected));
+    let mut after = 0;
+    for (at, e) in &h.events {
+        if let Event::RoundCompleted(r) = e
+            && r.asynchronous
+                .as_ref()
+                .unwrap()
+                .staleness
+                .iter()
+                .any(|(c, _)| *c == id(1))
+        {
+            assert!(*at >= Duration::from_secs(2), "client 1 counted at {at:?}");
+            after += 1;
+        }
+    }
+    assert!(after > 0, "client 1 never contributed after coming back");
+    // Every step added one unweighted or staleness-weighted 1.0: the model moved by 8 steps
+    // of at most 1 each, at least 1/√(1+10) each.
+    let v = h.coordinator.global().unwrap().values()[0];
+    assert!(v > 8.0 / 11f32.sqrt() && v <= 8.0 + 1e-5, "{v}");
+}

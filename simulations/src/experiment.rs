@@ -106,6 +106,92 @@ pub struct Faults {
     /// header line is allowed). Client `i` takes the factor of line `i` (the file repeats
     /// for more clients), in place of the profiles and the log-normal draw.
     pub speed_trace: Option<PathBuf>,
+    /// Diurnal availability (in memory): each client is online for
+    /// `diurnal_online_fraction` of every period of this many simulated seconds, from a
+    /// seeded random phase; offline it is gone (a closed connection: its work is lost) and it
+    /// comes back with a new session. 0: always online.
+    pub diurnal_period_secs: f64,
+    /// Share of each period a client is online (see `diurnal_period_secs`).
+    pub diurnal_online_fraction: f64,
+    /// Availability windows from a trace (in memory): a CSV file of
+    /// `client,start_secs,end_secs` lines, any number per client; a listed client is online
+    /// only within its windows, an unlisted one always. Replaces the diurnal pattern.
+    pub availability_trace: Option<PathBuf>,
+}
+
+/// Most availability windows a client may have (trace lines or diurnal periods).
+pub const MAX_WINDOWS_PER_CLIENT: usize = 10_000;
+
+/// Reads an availability trace (see [`Faults::availability_trace`]): each listed client's
+/// windows, in seconds, sorted, checked not to overlap.
+pub fn read_availability_trace(path: &Path) -> anyhow::Result<BTreeMap<usize, Vec<(f64, f64)>>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    anyhow::ensure!(
+        len <= MAX_TRACE_BYTES,
+        "{}: {len} bytes, more than the {MAX_TRACE_BYTES} a trace may have",
+        path.display()
+    );
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut windows: BTreeMap<usize, Vec<(f64, f64)>> = BTreeMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let cols: Vec<&str> = line.split(',').map(str::trim).collect();
+        let parsed = match cols.as_slice() {
+            [c, a, b] => match (c.parse::<usize>(), a.parse::<f64>(), b.parse::<f64>()) {
+                (Ok(c), Ok(a), Ok(b)) => Some((c, a, b)),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some((client, start, end)) = parsed else {
+            if n == 0 {
+                continue; // a header
+            }
+            anyhow::bail!(
+                "{}:{}: expected `client,start_secs,end_secs`",
+                path.display(),
+                n + 1
+            );
+        };
+        anyhow::ensure!(
+            client < 10_000_000
+                && start.is_finite()
+                && end.is_finite()
+                && 0.0 <= start
+                && start < end,
+            "{}:{}: client {client}, window {start}..{end}: a client below 10,000,000 and \
+             0 <= start < end, in seconds",
+            path.display(),
+            n + 1
+        );
+        let w = windows.entry(client).or_default();
+        anyhow::ensure!(
+            w.len() < MAX_WINDOWS_PER_CLIENT,
+            "{}:{}: client {client} has more than {MAX_WINDOWS_PER_CLIENT} windows",
+            path.display(),
+            n + 1
+        );
+        w.push((start, end));
+    }
+    anyhow::ensure!(!windows.is_empty(), "{}: no windows", path.display());
+    for (client, w) in windows.iter_mut() {
+        w.sort_by(|a, b| a.0.total_cmp(&b.0));
+        anyhow::ensure!(
+            w.windows(2).all(|p| match p {
+                [a, b] => a.1 <= b.0,
+                _ => true,
+            }),
+            "{}: client {client}'s windows overlap",
+            path.display()
+        );
+    }
+    Ok(windows)
 }
 
 /// Largest speed-trace file read (bytes).
@@ -181,6 +267,44 @@ pub struct SpeedProfile {
 }
 
 impl Faults {
+    /// Whether clients come and go (in memory only).
+    pub fn has_availability(&self) -> bool {
+        self.availability_trace.is_some() || self.diurnal_period_secs > 0.0
+    }
+
+    /// Each client's availability windows in seconds, or `None` for always online, up to
+    /// `horizon` seconds: the trace's, or the diurnal pattern's from a seeded phase.
+    pub fn availability(
+        &self,
+        clients: usize,
+        seed: u64,
+        horizon: f64,
+    ) -> anyhow::Result<Vec<Option<Vec<(f64, f64)>>>> {
+        if let Some(path) = &self.availability_trace {
+            let trace = read_availability_trace(path)?;
+            return Ok((0..clients).map(|i| trace.get(&i).cloned()).collect());
+        }
+        let period = self.diurnal_period_secs;
+        if period <= 0.0 {
+            return Ok(vec![None; clients]);
+        }
+        let on = self.diurnal_online_fraction.clamp(0.0, 1.0) * period;
+        let periods = ((horizon / period).ceil() as usize + 1).min(MAX_WINDOWS_PER_CLIENT);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xD1A1);
+        Ok((0..clients)
+            .map(|_| {
+                let phase = rng.random::<f64>() * period;
+                // The window that began before 0 (if it reaches past it), then one per period.
+                let w = (0..=periods)
+                    .map(|k| phase + (k as f64 - 1.0) * period)
+                    .map(|start| (start.max(0.0), start + on))
+                    .filter(|(start, end)| end > start)
+                    .collect();
+                Some(w)
+            })
+            .collect())
+    }
+
     /// Every client's slow-down, in client order: the trace's factor, or the profile's
     /// factor times the log-normal draw times the straggler factor. Seeded from `seed`.
     pub fn slowdowns(&self, clients: usize, seed: u64) -> anyhow::Result<Vec<f64>> {
@@ -566,7 +690,13 @@ fn server_settings(exp: &Experiment) -> ServerConfig {
     server.dp = exp.dp.clone();
     server.secure_aggregation = exp.secure_aggregation.clone();
     server.rounds.num_rounds = exp.rounds;
-    server.rounds.min_available_clients = exp.clients;
+    // Everyone enrolled before the first round, unless clients come and go: then a round
+    // needs only the clients it samples.
+    server.rounds.min_available_clients = if exp.faults.has_availability() {
+        exp.clients.min(server.strategy.min_train_clients.max(1))
+    } else {
+        exp.clients
+    };
     server.rounds.min_train_results = 1;
     server.rounds.round_timeout_secs = exp.round_timeout_secs;
     server.rounds.evaluate_every = 0;
@@ -600,6 +730,16 @@ pub fn validate(exp: &Experiment) -> anyhow::Result<()> {
         "unknown data set {:?} (bundled, mnist, fashion-mnist)",
         exp.data.name
     );
+    let f = &exp.faults;
+    anyhow::ensure!(
+        f.diurnal_period_secs == 0.0
+            || (f.diurnal_period_secs.is_finite()
+                && f.diurnal_period_secs >= 60.0
+                && f.diurnal_online_fraction > 0.0
+                && f.diurnal_online_fraction <= 1.0),
+        "faults.diurnal_period_secs must be 0 (off) or at least 60, with \
+         faults.diurnal_online_fraction in (0, 1]"
+    );
     let server = server_settings(exp);
     server.coordinator()?;
     server.strategy()?;
@@ -607,6 +747,10 @@ pub fn validate(exp: &Experiment) -> anyhow::Result<()> {
         anyhow::ensure!(
             exp.faults.message_loss == 0.0 && exp.faults.message_delay_ms == 0,
             "faults.message_loss and faults.message_delay_ms apply to the in-memory transport only"
+        );
+        anyhow::ensure!(
+            !exp.faults.has_availability(),
+            "faults.diurnal_period_secs and faults.availability_trace apply to the in-memory transport only"
         );
         anyhow::ensure!(
             exp.faults.dropout_at == PhaseDropout::default(),
@@ -982,6 +1126,22 @@ impl Run<'_> {
                 None => h.add_client(id, Box::new(c)),
             }
         }
+        // Devices that come and go.
+        let horizon = exp.round_timeout_secs.max(1.0) * exp.rounds as f64;
+        for (i, windows) in exp
+            .faults
+            .availability(exp.clients, exp.seed, horizon)?
+            .into_iter()
+            .enumerate()
+        {
+            if let Some(w) = windows {
+                let w: Vec<(Duration, Duration)> = w
+                    .into_iter()
+                    .map(|(a, b)| (Duration::from_secs_f64(a), Duration::from_secs_f64(b)))
+                    .collect();
+                h.set_availability(&ClientId::new(format!("client-{i:05}")), &w);
+            }
+        }
         // What the idle clients cost: their state machines, their example indices, their
         // queued hello (measured before the first round puts models in flight).
         let idle_client_bytes = match (rss_before, rss_bytes()) {
@@ -994,7 +1154,15 @@ impl Run<'_> {
         // the run stops, saying why, instead of simulating heartbeats forever.
         let stall = {
             let c = h.coordinator.config();
-            c.round_timeout + c.idle_timeout.unwrap_or(Duration::ZERO) * 2
+            let mut stall = c.round_timeout + c.idle_timeout.unwrap_or(Duration::ZERO) * 2;
+            if exp.faults.availability_trace.is_some() {
+                // A trace may leave too few online for any stretch of its horizon.
+                stall += Duration::from_secs_f64(horizon);
+            } else if exp.faults.has_availability() {
+                // Waiting through the hours when too few are online is not a stall.
+                stall += Duration::from_secs_f64(exp.faults.diurnal_period_secs);
+            }
+            stall
         };
         let mut waiting: Option<(Duration, Event)> = None;
         loop {

@@ -314,3 +314,57 @@ fn heavy_tailed_speeds_are_seeded_and_a_trace_file_is_checked() {
         assert!(read_speed_trace(&write(bad)).is_err(), "{bad:?}");
     }
 }
+
+#[test]
+fn devices_that_come_and_go_run_reproducibly_in_memory_and_are_refused_over_quic() {
+    use flotilla_sim::experiment::{Faults, Transport, read_availability_trace};
+    // Diurnal availability: each client online for half of every simulated hour, a local
+    // epoch taking a minute.
+    let mut e = small("diurnal");
+    e.faults = Faults {
+        compute_secs: 60.0,
+        diurnal_period_secs: 3600.0,
+        diurnal_online_fraction: 0.5,
+        ..Faults::default()
+    };
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let a = run(&e, a_dir.path(), false).unwrap();
+    let b = run(&e, b_dir.path(), false).unwrap();
+    assert_eq!(a.rounds, 3);
+    assert_eq!(a.sim_secs, b.sim_secs);
+    assert_eq!(metrics_csv(a_dir.path()), metrics_csv(b_dir.path()));
+    assert!(a.sim_secs > 180.0, "{}", a.sim_secs);
+    // Half of the clients are away at any time: each has windows of 1,800 s per 3,600 s.
+    let w = e.faults.availability(4, e.seed, 7200.0).unwrap();
+    for windows in w.iter().flatten() {
+        let online: f64 = windows
+            .iter()
+            .map(|(s, t)| t.min(7200.0) - s.min(7200.0))
+            .sum();
+        assert!((online - 3600.0).abs() < 1e-6, "{windows:?}");
+    }
+    let mut q = e.clone();
+    q.transport = Transport::Quic;
+    assert!(flotilla_sim::experiment::validate(&q).is_err());
+    let mut bad = e.clone();
+    bad.faults.diurnal_period_secs = 1.0;
+    assert!(flotilla_sim::experiment::validate(&bad).is_err());
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("availability.csv");
+    std::fs::write(&p, "client,start,end\n0,0,10\n0,20,30\n2,5,6\n").unwrap();
+    let t = read_availability_trace(&p).unwrap();
+    assert_eq!(t[&0], vec![(0.0, 10.0), (20.0, 30.0)]);
+    assert_eq!(t[&2], vec![(5.0, 6.0)]);
+    for bad in [
+        "0,0,10\n0,5,15\n",
+        "0,10,5\n",
+        "0,-1,5\n",
+        "0,0,inf\n",
+        "0,1\n",
+    ] {
+        std::fs::write(&p, bad).unwrap();
+        assert!(read_availability_trace(&p).is_err(), "{bad:?}");
+    }
+}

@@ -967,6 +967,14 @@ async fn run(
                     waiting = None;
                     info!("round {round}: {selected} clients training")
                 }
+                Event::Dispatched {
+                    task,
+                    version,
+                    clients,
+                } => {
+                    waiting = None;
+                    debug!("task {task}: {clients} clients training on model version {version}")
+                }
                 Event::RoundAborted(r) => {
                     // A round that did not complete changes nothing worth a checkpoint (and
                     // must never put a model no round produced on disk): only its record.

@@ -587,6 +587,18 @@ impl Telemetry {
                 s.expected = *selected;
                 s.replies = 0;
             }
+            Event::Dispatched { version, .. } => {
+                // Asynchronous rounds: clients train all the time; the round shown is the
+                // model step being filled.
+                s.waiting = None;
+                if s.phase != Phase::Train || s.round != *version + 1 {
+                    s.round = *version + 1;
+                    s.round_since = Some(Instant::now());
+                    self.current_round.set(s.round as i64);
+                    self.enter(&mut s, Phase::Train);
+                    s.replies = 0;
+                }
+            }
             Event::SecureStage { stage, .. } => {
                 if let Some(p) = Phase::of_stage(*stage) {
                     // A secure round opens with key advertisement (no event of its own):

@@ -635,18 +635,7 @@ impl Engine for FedBuffEngine {
             });
             return Ok(());
         }
-        if r.num_examples == 0 {
-            return Err(Error::InvalidMessage(InvalidMessage::ZeroExamples));
-        }
-        if r.num_examples > core.config.max_examples {
-            return Err(Error::LimitExceeded {
-                what: "example count",
-                len: r.num_examples,
-                max: core.config.max_examples,
-            });
-        }
-        r.params.check_same_manifest(task.model.manifest())?;
-        r.params.check_finite()?;
+        core.check_train_result(&r, task.model.manifest())?;
         let (base, version) = (task.model.clone(), task.version);
         self.release(core, from, r.round);
         core.registry.met_deadline(from);
@@ -687,18 +676,7 @@ impl Engine for FedBuffEngine {
             });
             return Ok(());
         }
-        if !r.loss.is_finite() || r.metrics.values().any(|v| !v.is_finite()) {
-            return Err(Error::InvalidMessage(InvalidMessage::NonFinite(
-                "evaluation result".into(),
-            )));
-        }
-        if r.num_examples > core.config.max_examples {
-            return Err(Error::LimitExceeded {
-                what: "example count",
-                len: r.num_examples,
-                max: core.config.max_examples,
-            });
-        }
+        core.check_evaluate_result(&r)?;
         e.results.push((from.clone(), r));
         if e.pending.is_empty() {
             self.close_eval(core, now);

@@ -246,6 +246,45 @@ impl Core {
         }
     }
 
+    /// The checks every training result passes before it is counted: a positive example
+    /// count within `max_examples`, the model's manifest, finite values.
+    pub(crate) fn check_train_result(
+        &self,
+        r: &TrainRes,
+        manifest: &crate::Manifest,
+    ) -> Result<(), Error> {
+        if r.num_examples == 0 {
+            return Err(Error::InvalidMessage(InvalidMessage::ZeroExamples));
+        }
+        if r.num_examples > self.config.max_examples {
+            return Err(Error::LimitExceeded {
+                what: "example count",
+                len: r.num_examples,
+                max: self.config.max_examples,
+            });
+        }
+        r.params.check_same_manifest(manifest)?;
+        r.params.check_finite()
+    }
+
+    /// The checks every evaluation result passes: finite loss and metrics, an example count
+    /// within `max_examples`.
+    pub(crate) fn check_evaluate_result(&self, r: &EvaluateRes) -> Result<(), Error> {
+        if !r.loss.is_finite() || r.metrics.values().any(|v| !v.is_finite()) {
+            return Err(Error::InvalidMessage(InvalidMessage::NonFinite(
+                "evaluation result".into(),
+            )));
+        }
+        if r.num_examples > self.config.max_examples {
+            return Err(Error::LimitExceeded {
+                what: "example count",
+                len: r.num_examples,
+                max: self.config.max_examples,
+            });
+        }
+        Ok(())
+    }
+
     /// One release of an aggregate under differential privacy: composes one step of the
     /// sampled Gaussian mechanism at rate `q` into the accountant and keeps the round's
     /// report. Returns the clients' DP settings (client mode; `cohort` clients add noise

@@ -264,18 +264,7 @@ impl Engine for SyncEngine {
             });
             return Ok(());
         }
-        if r.num_examples == 0 {
-            return Err(Error::InvalidMessage(InvalidMessage::ZeroExamples));
-        }
-        if r.num_examples > core.config.max_examples {
-            return Err(Error::LimitExceeded {
-                what: "example count",
-                len: r.num_examples,
-                max: core.config.max_examples,
-            });
-        }
-        r.params.check_same_manifest(global.manifest())?;
-        r.params.check_finite()?;
+        core.check_train_result(&r, global.manifest())?;
         current.pending.remove(from);
         current.results.push(ClientUpdate {
             client: from.clone(),
@@ -311,18 +300,7 @@ impl Engine for SyncEngine {
             });
             return Ok(());
         }
-        if !r.loss.is_finite() || r.metrics.values().any(|v| !v.is_finite()) {
-            return Err(Error::InvalidMessage(InvalidMessage::NonFinite(
-                "evaluation result".into(),
-            )));
-        }
-        if r.num_examples > core.config.max_examples {
-            return Err(Error::LimitExceeded {
-                what: "example count",
-                len: r.num_examples,
-                max: core.config.max_examples,
-            });
-        }
+        core.check_evaluate_result(&r)?;
         e.results.push((from.clone(), r));
         if e.pending.is_empty() {
             self.close_eval(core, now);
